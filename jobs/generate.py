@@ -1,0 +1,29 @@
+"""Generate the synthetic dataset into WebDataset shards: `python jobs/generate.py --config ...`.
+
+Uses the foundation model the config names (``foundation.path``) or the pretrained embedded one
+(run `jobs/pretrain_foundation.py` first, or `jobs/pipeline.py`). Complete shards are skipped on
+rerun; `--no-resume` starts over.
+"""
+import _path  # noqa: F401
+
+from synthset.cli import main
+from synthset.pipeline import print_json, validate_inputs
+from synthset.stages.common import init_ray
+from synthset.stages.foundation import foundation_dir, foundation_model_path
+from synthset.stages.synthesize import run_synthesis
+from synthset.tracking import Tracker
+
+
+def work(args, cfg):
+    class_names = validate_inputs(cfg)
+    if cfg.foundation.path is None and not foundation_dir(cfg).is_complete():
+        raise FileNotFoundError(f"foundation model {foundation_model_path(cfg)} not found for this config: "
+                                "run jobs/pretrain_foundation.py first, or set foundation.path")
+    init_ray(cfg)
+    tracker = Tracker(cfg)
+    with tracker.pipeline_run("generate"):
+        print_json(run_synthesis(cfg, foundation_model_path(cfg), class_names, not args.no_resume, tracker))
+
+
+if __name__ == "__main__":
+    main(__doc__, work)

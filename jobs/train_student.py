@@ -1,0 +1,28 @@
+"""Train Students on the labelled synthetic dataset only: `python jobs/train_student.py --config ...`.
+
+One Student per entry of ``student.labels`` (soft: Teacher distillation; hard: generation class).
+"""
+import _path  # noqa: F401
+
+from synthset.cli import main
+from synthset.pipeline import print_json, validate_inputs
+from synthset.stages.classifier import run_student
+from synthset.stages.common import init_ray
+from synthset.stages.synthesize import label_dir
+from synthset.tracking import Tracker
+
+
+def work(args, cfg):
+    validate_inputs(cfg)
+    labelled = label_dir(cfg)
+    if not labelled.is_complete():
+        raise FileNotFoundError(f"labelled dataset for this config not found at {labelled.uri}: run jobs/label.py first")
+    init_ray(cfg)
+    tracker = Tracker(cfg)
+    with tracker.pipeline_run("train_student"):
+        for labels in cfg.student.labels:
+            print_json(run_student(cfg, labelled.summary()["dataset"], labels, tracker))
+
+
+if __name__ == "__main__":
+    main(__doc__, work)

@@ -1,0 +1,41 @@
+"""The command line every job shares: ``--config``, ``--set key=value``, ``--dry-run``, ``--no-resume``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from synthset.config import Config, load_config
+
+
+def parse(description: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value by dotted path, e.g. --set synthesis.guidance_scale=2 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; do no work")
+    parser.add_argument("--no-resume", action="store_true", help="discard partial outputs of this config and start over")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return args, cfg
+
+
+def main(description: str, work: Callable[[argparse.Namespace, Config], object], argv: list[str] | None = None) -> None:
+    """Parse, then either print the resolved config (--dry-run) or do the job's work."""
+    args, cfg = parse(description, argv)
+    if args.dry_run:
+        from synthset.pipeline import describe, print_json
+
+        print(cfg.to_yaml())
+        print_json(describe(cfg))
+        return
+    try:
+        work(args, cfg)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

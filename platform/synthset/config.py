@@ -1,0 +1,280 @@
+"""Typed pipeline configuration: YAML in ``conf/`` → validated models → a stable hash.
+
+``load_config("conf/quickstart.yaml", overrides=["synthesis.guidance_scale=2"])`` reads the YAML,
+applies ``--set``-style overrides, and validates everything before any work starts. Unknown keys
+and out-of-range values raise ``ValueError`` naming the field's dotted path. ``stage_hash`` hashes
+just the sections a stage depends on, so a changed Student setting does not retrain the Teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "synthset"
+    seed: int = Field(0, ge=0, description="Seeds the generation plan: each image's seed derives from (seed, index).")
+
+
+class OutputConfig(Section):
+    root: str = Field("runs/default", description="Directory (or pyarrow filesystem URI) for every artifact.")
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite:///<output.root>/mlflow.db")
+    experiment: str = "synthset"
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray.")
+
+
+class SplitsConfig(Section):
+    public: int = Field(30_000, ge=0, description="Images that pretrain the foundation model.")
+    private: int = Field(30_000, ge=10, description="The user's real data: Teacher, adaptation, membership.")
+    seed: int = Field(0, ge=0)
+
+
+class DataConfig(Section):
+    source: Literal["fashion_mnist", "digits"] = "fashion_mnist"
+    root: str | None = Field(None, description="Directory holding the four IDX files (.gz or raw).")
+    download: bool = Field(True, description="Fall back to the official download when no local copy exists.")
+    image_size: int = Field(32, ge=8, le=1024, description="Images are zero-padded/resized to this square size.")
+    splits: SplitsConfig = SplitsConfig()
+
+
+class FoundationArch(Section):
+    image_size: int = Field(32, ge=8, le=1024)
+    image_channels: int = Field(1, ge=1, le=4)
+    latent_channels: int = Field(4, ge=1, le=16)
+    vae_channels: list[int] = [32, 64, 64]
+    unet_channels: list[int] = [64, 128]
+    unet_layers_per_block: int = Field(1, ge=1, le=4)
+    unet_attention_levels: list[int] = Field([1], description="UNet levels (0 = highest resolution) with cross-attention.")
+    attention_head_dim: int = Field(8, ge=1)
+    text_width: int = Field(64, ge=8)
+    text_layers: int = Field(2, ge=1)
+    max_prompt_tokens: int = Field(16, ge=4, le=77)
+    norm_groups: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        for name in ("vae_channels", "unet_channels"):
+            channels = getattr(self, name)
+            if not channels or any(c % self.norm_groups for c in channels):
+                raise ValueError(f"{name}: every entry must be a positive multiple of norm_groups={self.norm_groups}")
+        bad = [i for i in self.unet_attention_levels if not 0 <= i < len(self.unet_channels)]
+        if bad:
+            raise ValueError(f"unet_attention_levels: levels {bad} outside 0..{len(self.unet_channels) - 1}")
+        return self
+
+
+class PretrainConfig(Section):
+    seed: int = Field(0, ge=0)
+    vae_steps: int = Field(600, ge=1)
+    vae_batch_size: int = Field(128, ge=1)
+    vae_lr: float = Field(2e-3, gt=0, le=1)
+    vae_kl_weight: float = Field(1e-6, ge=0)
+    unet_steps: int = Field(2000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    prompt_dropout: float = Field(0.1, ge=0, le=1, description="Probability of an empty prompt (classifier-free guidance).")
+    prompt_template: str = "a photo of a {class}"
+    num_cpus: int = Field(2, ge=1)
+    use_gpu: bool = False
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_class(cls, v: str) -> str:
+        if "{class}" not in v:
+            raise ValueError("must contain '{class}'")
+        return v
+
+
+class FoundationConfig(Section):
+    path: str | None = Field(None, description="Hub id or directory of a pretrained pipeline; None pretrains the embedded one.")
+    arch: FoundationArch = FoundationArch()
+    pretrain: PretrainConfig = PretrainConfig()
+
+
+class ActorsConfig(Section):
+    min: int = Field(1, ge=1)
+    max: int = Field(1, ge=1)
+    num_gpus: float = Field(0, ge=0, description="GPUs per actor (fractions share one).")
+    num_cpus: float = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+        return self
+
+
+class SynthesisConfig(Section):
+    method: Literal["class_prompt"] = "class_prompt"
+    prompt_template: str = "a photo of a {class}"
+    images_per_class: int = Field(1000, ge=1)
+    guidance_scale: float = Field(3.0, ge=0, le=50)
+    num_inference_steps: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1)
+    shard_size: int = Field(1000, ge=1)
+    image_format: Literal["png", "jpg"] = "png"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    actors: ActorsConfig = ActorsConfig()
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_class(cls, v: str) -> str:
+        if "{class}" not in v:
+            raise ValueError("must contain '{class}'")
+        return v
+
+
+class ClassifierConfig(Section):
+    arch: Literal["cnn", "resnet"] = "cnn"
+    width: int = Field(32, ge=4, description="Channels of the first stage (CNN) / embedding size (ResNet).")
+    pretrained: str | None = Field(None, description="transformers checkpoint (hub id or directory) for arch=resnet.")
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0, le=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    augment: bool = True
+    seed: int = Field(0, ge=0)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel).")
+    cpus_per_worker: int = Field(2, ge=1)
+    use_gpu: bool = False
+
+
+class StudentConfig(ClassifierConfig):
+    labels: list[Literal["soft", "hard"]] = Field(["soft", "hard"], min_length=1)
+    temperature: float = Field(2.0, gt=0, le=100, description="Distillation temperature for soft labels.")
+
+
+class LabelConfig(Section):
+    batch_size: int = Field(512, ge=1)
+    actors: ActorsConfig = ActorsConfig()
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    output: OutputConfig = OutputConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+    data: DataConfig = DataConfig()
+    foundation: FoundationConfig = FoundationConfig()
+    synthesis: SynthesisConfig = SynthesisConfig()
+    teacher: ClassifierConfig = ClassifierConfig()
+    label: LabelConfig = LabelConfig()
+    student: StudentConfig = StudentConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.foundation.path is None and self.foundation.arch.image_size != self.data.image_size:
+            raise ValueError(f"foundation.arch.image_size ({self.foundation.arch.image_size}) must equal "
+                             f"data.image_size ({self.data.image_size})")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Which sections each stage's output depends on; upstream stages are included transitively.
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "foundation": ("data", "foundation"),
+    "teacher": ("data", "teacher"),
+    "synthesis": ("data", "foundation", "synthesis", "run.seed"),
+    "label": ("data", "foundation", "synthesis", "run.seed", "teacher", "label"),
+    "student": ("data", "foundation", "synthesis", "run.seed", "teacher", "label", "student"),
+}
+
+
+def _dig(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def config_hash(obj: Any) -> str:
+    """sha256 (first 12 hex digits) of the canonical JSON of ``obj``."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def stage_hash(cfg: Config, stage: str, extra: Any = None) -> str:
+    """Hash of exactly what ``stage``'s output depends on (see ``STAGE_INPUTS``)."""
+    d = cfg.to_dict()
+    if cfg.foundation.path is not None:  # a given model: its architecture/pretraining don't matter
+        d["foundation"] = {"path": cfg.foundation.path}
+    parts = {key: _dig(d, key) for key in STAGE_INPUTS[stage]}
+    return config_hash({"stage": stage, "inputs": parts, "extra": extra})
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key")
+        else:
+            got = e.get("input")
+            got = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {path}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` → (["a", "b"], 3); the value is parsed as YAML (numbers, bools, lists, null)."""
+    if "=" not in item:
+        raise ValueError(f"--set {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ValueError(f"--set {item!r}: bad key path {key!r}")
+    return key.split("."), yaml.safe_load(raw) if raw else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"--set {item!r}: {'.'.join(path[:i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or the built-in defaults when ``path`` is None), apply overrides, validate."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        source = str(path)
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"invalid config ({source}): top level must be a mapping")
+        raw = loaded or {}
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ValueError(_format_error(err, source)) from None

@@ -1,0 +1,234 @@
+"""The synthetic-dataset contract: WebDataset shards + ``manifest.json`` (see DESIGN.md).
+
+A dataset is a directory/URI holding ``shard-NNNNNN.tar`` files whose members are
+``<key>.png`` (or ``.jpg``), ``<key>.cls`` (class index as text), ``<key>.json`` (request and
+provenance) and optionally ``<key>.soft.npy`` (Teacher probabilities); a ``_shards/`` folder
+with one stats file per complete shard (how resume knows what is done); and ``manifest.json``,
+written last, only when every planned shard is complete.
+
+Shards are built in memory with fixed tar headers, so the same samples give the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from synthset import storage
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def encode_image(image: np.ndarray, fmt: str = "png") -> bytes:
+    """uint8 (H, W) or (H, W, C) → PNG/JPEG bytes (deterministic for the same pixels)."""
+    buf = io.BytesIO()
+    pil = Image.fromarray(image if image.ndim == 2 or image.shape[-1] != 1 else image[..., 0])
+    if fmt == "png":
+        pil.save(buf, format="PNG", compress_level=6)
+    else:
+        pil.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def decode_image(data: bytes, path: str = "<bytes>") -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("L") if im.mode in ("L", "1", "P", "I;16") else im.convert("RGB"))
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise ValueError(f"{path}: corrupt image ({err})") from None
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def build_shard(samples: list[dict], image_format: str = "png") -> bytes:
+    """Tar bytes for ``samples`` (dicts with key, image, cls, meta and optionally soft)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            key = s["key"]
+            if "." in key or "/" in key:
+                raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+            image_bytes = s["image_bytes"] if "image_bytes" in s else encode_image(s["image"], image_format)
+            members = [(f"{key}.{image_format}", image_bytes),
+                       (f"{key}.cls", str(int(s["cls"])).encode()),
+                       (f"{key}.json", json.dumps(s["meta"], sort_keys=True).encode())]
+            if s.get("soft") is not None:
+                members.append((f"{key}.soft.npy", _npy_bytes(np.asarray(s["soft"], dtype=np.float32))))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_shard(dataset: str, index: int, samples: list[dict], image_format: str = "png",
+                extra_stats: dict | None = None) -> dict:
+    """Write one complete shard atomically, then its stats file; return the stats."""
+    import hashlib
+
+    data = build_shard(samples, image_format)
+    storage.write_bytes(storage.join(dataset, shard_name(index)), data)
+    per_class: dict[str, int] = {}
+    for s in samples:
+        per_class[str(int(s["cls"]))] = per_class.get(str(int(s["cls"])), 0) + 1
+    stats = {"shard": shard_name(index), "index": index, "count": len(samples),
+             "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+             "first_key": samples[0]["key"] if samples else None,
+             "last_key": samples[-1]["key"] if samples else None,
+             "per_class": per_class, "written_at": time.time(), **(extra_stats or {})}
+    storage.write_json(storage.join(dataset, "_shards", shard_name(index) + ".json"), stats)
+    return stats
+
+
+def completed_shards(dataset: str) -> dict[int, dict]:
+    """Stats of every shard whose tar and stats file both exist (the resume record)."""
+    done = {}
+    for path in storage.list_files(storage.join(dataset, "_shards"), ".tar.json"):
+        stats = storage.read_json(path)
+        if storage.exists(storage.join(dataset, stats["shard"])):
+            done[stats["index"]] = stats
+    return done
+
+
+def write_manifest(dataset: str, meta: dict, shard_stats: list[dict]) -> dict:
+    """Write ``manifest.json`` (last) from the per-shard stats; returns it."""
+    shard_stats = sorted(shard_stats, key=lambda s: s["index"])
+    totals: dict[str, int] = {}
+    for s in shard_stats:
+        for c, n in s["per_class"].items():
+            totals[c] = totals.get(c, 0) + n
+    manifest = {"schema_version": SCHEMA_VERSION, **meta,
+                "shards": [{k: s[k] for k in ("shard", "count", "sha256", "bytes", "first_key", "last_key", "seconds")
+                            if k in s} for s in shard_stats],
+                "num_samples": sum(s["count"] for s in shard_stats),
+                "totals_per_class": {k: totals[k] for k in sorted(totals, key=int)},
+                "complete": True, "written_at": time.time()}
+    storage.write_json(storage.join(dataset, MANIFEST), manifest)
+    return manifest
+
+
+def read_manifest(dataset: str) -> dict:
+    uri = storage.join(dataset, MANIFEST)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri}: no manifest (dataset missing or incomplete)")
+    manifest = storage.read_json(uri)
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{uri}: schema_version {manifest.get('schema_version')} != {SCHEMA_VERSION}")
+    return manifest
+
+
+def shard_paths(dataset: str) -> list[str]:
+    return [storage.join(dataset, s["shard"]) for s in read_manifest(dataset)["shards"]]
+
+
+def iter_shard(path: str, decode: bool = True) -> Iterator[dict]:
+    """Samples of one shard, grouped by key, in file order."""
+    data = storage.read_bytes(path)
+    current: dict | None = None
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, _, ext = info.name.partition(".")
+            payload = tar.extractfile(info).read()
+            if current is None or current["key"] != key:
+                if current is not None:
+                    yield current
+                current = {"key": key}
+            if ext in ("png", "jpg", "jpeg"):
+                current["image"] = decode_image(payload, f"{path}:{info.name}") if decode else payload
+            elif ext == "cls":
+                current["cls"] = int(payload)
+            elif ext == "json":
+                current["meta"] = json.loads(payload)
+            elif ext == "soft.npy":
+                current["soft"] = np.load(io.BytesIO(payload), allow_pickle=False)
+    if current is not None:
+        yield current
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W[, C]) → float (C, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.array(image, copy=True)).float().div(127.5).sub(1.0)
+    return x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Stream a synthetic dataset: shards split across ranks and DataLoader workers.
+
+    Yields ``(image tensor, cls, soft or None)``. With ``shuffle``, the shard order is permuted
+    with ``seed + epoch`` and samples pass through a shuffle buffer of ``buffer`` samples.
+    """
+
+    def __init__(self, dataset: str, shuffle: bool = False, seed: int = 0, buffer: int = 2000,
+                 rank: int = 0, world_size: int = 1, limit: int | None = None):
+        self.paths = shard_paths(dataset)
+        self.shuffle, self.seed, self.buffer = shuffle, seed, buffer
+        self.rank, self.world_size, self.limit = rank, world_size, limit
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _my_paths(self) -> list[str]:
+        paths = list(self.paths)
+        rng = np.random.default_rng(self.seed + self.epoch)
+        if self.shuffle:
+            paths = [paths[i] for i in rng.permutation(len(paths))]
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return paths[self.rank * workers + worker::self.world_size * workers]
+
+    def _samples(self) -> Iterator[dict]:
+        n = 0
+        for path in self._my_paths():
+            for s in iter_shard(path):
+                if self.limit is not None and n >= self.limit:
+                    return
+                n += 1
+                yield s
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed + 1000 + self.epoch)
+        buf: list[dict] = []
+        for s in self._samples():
+            if not self.shuffle:
+                yield self._item(s)
+                continue
+            buf.append(s)
+            if len(buf) >= self.buffer:
+                yield self._item(buf.pop(int(rng.integers(len(buf)))))
+        while buf:
+            yield self._item(buf.pop(int(rng.integers(len(buf)))))
+
+    @staticmethod
+    def _item(s: dict):
+        soft = torch.from_numpy(s["soft"]) if "soft" in s else torch.empty(0)
+        return image_to_tensor(s["image"]), s["cls"], soft
+
+
+def read_ray_dataset(dataset: str):
+    """The dataset's shards as a Ray Dataset (``ray.data.read_webdataset``), one row per sample."""
+    import ray
+
+    paths = shard_paths(dataset)
+    if all(storage.is_local(p) for p in paths):
+        return ray.data.read_webdataset(paths)
+    fs, _ = storage.resolve(paths[0])
+    return ray.data.read_webdataset([storage.resolve(p)[1] for p in paths], filesystem=fs)

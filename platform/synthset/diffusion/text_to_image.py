@@ -1,0 +1,119 @@
+"""Training a latent text-to-image model the way Stable Diffusion is trained, as plain functions.
+
+``train_vae`` fits the autoencoder (reconstruction + a small KL term); ``encode_latents`` maps
+images to scaled latents once; ``train_unet`` fits the UNet (and the text encoder) to predict the
+noise of DDPM-noised latents given the prompt, with prompt dropout so classifier-free guidance
+works at sampling time (Ho & Salimans 2022). No Ray here: ``stages/foundation.py`` wraps these.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from synthset.progress import Progress
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    """Indices of ``steps`` batches drawn by epochs of seeded permutations."""
+    perm, pos = torch.randperm(n, generator=generator), 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=generator), 0
+        yield perm[pos:pos + batch_size]
+        pos += batch_size
+
+
+def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float, kl_weight: float,
+              seed: int, progress_every: float = 10.0) -> list[float]:
+    """Fit ``vae`` to ``images`` (float, [-1, 1], N×C×H×W). Returns the loss curve."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps, max(1, steps // 20)))
+    vae.train()
+    losses, progress = [], Progress("vae", steps, "steps", every=progress_every)
+    for idx in _batches(len(images), min(batch_size, len(images)), steps, g):
+        x = images[idx]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        recon = vae.decode(z).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        progress.update(1, loss=float(np.mean(losses[-20:])))
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Posterior means of ``images``, unscaled (multiply by ``vae.config.scaling_factor`` to use)."""
+    vae.eval()
+    return torch.cat([vae.encode(images[i:i + batch_size]).latent_dist.mean
+                      for i in range(0, len(images), batch_size)])
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+def train_unet(unet, text_encoder, tokenizer, noise_scheduler, latents: torch.Tensor, prompts: list[str],
+               steps: int, batch_size: int, lr: float, prompt_dropout: float, seed: int,
+               train_text_encoder: bool = True, progress_every: float = 10.0) -> list[float]:
+    """Denoising score matching on scaled ``latents`` (N×C×h×w) with one prompt per latent.
+
+    ``prompts[i]`` conditions ``latents[i]``; with probability ``prompt_dropout`` it is replaced
+    by the empty prompt, which is what guidance uses as its unconditional branch.
+    """
+    g = torch.Generator().manual_seed(seed)
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps, max(1, steps // 20)))
+    unet.train()
+    text_encoder.train(train_text_encoder)
+    text_encoder.requires_grad_(train_text_encoder)
+    # Unique prompts are few (class prompts, captions): tokenize each once.
+    vocab = sorted(set(prompts) | {""})
+    prompt_index = torch.tensor([vocab.index(p) for p in prompts]) if len(vocab) < 5000 else None
+    ids_all = tokenizer(vocab, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+    empty = vocab.index("")
+    n_t = noise_scheduler.config.num_train_timesteps
+    losses, progress = [], Progress("unet", steps, "steps", every=progress_every)
+    for idx in _batches(len(latents), min(batch_size, len(latents)), steps, g):
+        x0 = latents[idx]
+        p = prompt_index[idx] if prompt_index is not None else torch.tensor([vocab.index(prompts[i]) for i in idx])
+        drop = torch.rand(len(idx), generator=g) < prompt_dropout
+        p = torch.where(drop, torch.full_like(p, empty), p)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, n_t, (len(idx),), generator=g)
+        xt = noise_scheduler.add_noise(x0, noise, t)
+        context = text_encoder(ids_all[p])[0]
+        pred = unet(xt, t, encoder_hidden_states=context).sample
+        target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        progress.update(1, loss=float(np.mean(losses[-50:])))
+    unet.eval()
+    text_encoder.eval()
+    text_encoder.requires_grad_(False)
+    return losses

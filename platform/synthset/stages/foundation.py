@@ -1,0 +1,116 @@
+"""Foundation stage: pretrain the embedded text-to-image model on the public split (Ray Train).
+
+With ``foundation.path`` set (SD 2.1 by hub id or a local directory) there is nothing to
+pretrain: the stage only records which model later stages load. Otherwise one Ray Train worker
+trains the VAE, then the UNet and text encoder on class prompts with prompt dropout, and saves
+the pipeline with ``save_pretrained`` (safetensors) plus loss curves and a sample grid.
+Cached by the hash of ``data`` + ``foundation``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from synthset.config import Config
+from synthset.stages.common import StageDir, local_path
+
+
+def foundation_dir(cfg: Config) -> StageDir:
+    return StageDir.for_config(cfg, "foundation")
+
+
+def foundation_model_path(cfg: Config) -> str:
+    """What ``load_foundation`` should load: the configured model, or the pretrained embedded one."""
+    return cfg.foundation.path or local_path(foundation_dir(cfg).path("model"))
+
+
+def _pretrain_loop(config: dict) -> None:
+    """Runs inside the Ray Train worker."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    import ray.train
+    from synthset.config import Config
+    from synthset.data.splits import fit_images, make_splits, to_unit_tensor
+    from synthset.diffusion.text_to_image import encode_latents, train_unet, train_vae
+    from synthset.eval.plots import save_class_grid, save_curves
+    from synthset.methods.class_prompt import generate_batch, plan_requests
+    from synthset.models.foundation import build_foundation
+
+    cfg = Config.model_validate(config["cfg"])
+    out = config["out"]
+    pre, arch = cfg.foundation.pretrain, cfg.foundation.arch
+    torch.set_num_threads(pre.num_cpus)
+    device = "cuda" if pre.use_gpu and torch.cuda.is_available() else "cpu"
+    splits = make_splits(cfg.data)
+    public = splits.public
+    if len(public) == 0:
+        raise ValueError("data.splits.public is 0: the embedded foundation model needs public images to pretrain on")
+    x = to_unit_tensor(fit_images(public.images, arch.image_size)).to(device)
+    pipe = build_foundation(arch, seed=pre.seed).to(device)
+    t0 = time.time()
+    vae_losses = train_vae(pipe.vae, x, pre.vae_steps, pre.vae_batch_size, pre.vae_lr, pre.vae_kl_weight, pre.seed)
+    latents = encode_latents(pipe.vae, x)
+    scaling = float(1.0 / latents.std())
+    pipe.vae.register_to_config(scaling_factor=scaling)
+    with torch.no_grad():
+        recon = pipe.vae.decode(latents[:512]).sample
+        recon_mse = float(F.mse_loss(recon, x[:512]))
+    vae_seconds = time.time() - t0
+    prompts = [pre.prompt_template.format(**{"class": public.class_names[c]}) for c in public.labels]
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    t0 = time.time()
+    unet_losses = train_unet(pipe.unet, pipe.text_encoder, pipe.tokenizer, noise_scheduler, latents * scaling,
+                             prompts, pre.unet_steps, pre.batch_size, pre.lr, pre.prompt_dropout, pre.seed + 1)
+    unet_seconds = time.time() - t0
+    pipe.save_pretrained(os.path.join(out, "model"), safe_serialization=True)
+    save_curves({"vae": vae_losses}, os.path.join(out, "vae_loss.png"), "VAE loss")
+    save_curves({"unet": unet_losses}, os.path.join(out, "unet_loss.png"), "UNet denoising loss")
+    names = public.class_names
+    requests = plan_requests(0, 10 * len(names), 12345, names, pre.prompt_template)
+    images = generate_batch(pipe, requests, cfg.synthesis.num_inference_steps, cfg.synthesis.guidance_scale)
+    save_class_grid(images, np.array([r["class_id"] for r in requests]), names, os.path.join(out, "samples.png"))
+    metrics = {"vae_recon_mse": recon_mse, "vae_seconds": vae_seconds, "unet_seconds": unet_seconds,
+               "vae_final_loss": float(np.mean(vae_losses[-20:])), "unet_final_loss": float(np.mean(unet_losses[-50:])),
+               "scaling_factor": scaling, "public_images": len(public)}
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    ray.train.report(metrics)
+
+
+def run_foundation(cfg: Config, tracker=None) -> dict:
+    """Pretrain (or reuse) the foundation model; returns the stage summary."""
+    stage = foundation_dir(cfg)
+    if cfg.foundation.path is not None:
+        return {"stage": "foundation", "model": cfg.foundation.path, "pretrained": False}
+    if stage.is_complete():
+        print(f"[foundation] reusing cached model {stage.path('model')} (config hash {stage.hash})")
+        return stage.summary()
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    stage.begin(cfg)
+    out = local_path(stage.uri)
+    pre = cfg.foundation.pretrain
+    print(f"[foundation] pretraining on {cfg.data.splits.public} public images: "
+          f"{pre.vae_steps} VAE steps, {pre.unet_steps} UNet steps → {out}")
+    t0 = time.time()
+    trainer = TorchTrainer(
+        _pretrain_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "out": out},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=pre.use_gpu,
+                                     resources_per_worker={"CPU": pre.num_cpus}),
+        run_config=RunConfig(name=f"foundation-{stage.hash}", storage_path=os.path.join(out, "_ray")),
+    )
+    trainer.fit()
+    metrics = json.loads(open(os.path.join(out, "metrics.json")).read())
+    summary = stage.complete({"model": os.path.join(out, "model"), "seconds": time.time() - t0, **metrics})
+    if tracker is not None:
+        tracker.log_stage("foundation", cfg, metrics={k: v for k, v in metrics.items()},
+                          artifacts=[os.path.join(out, n) for n in ("samples.png", "vae_loss.png", "unet_loss.png")])
+    return summary

@@ -1,0 +1,222 @@
+"""Synthesis and labelling stages: Ray Data actor pools whose unit of work is one shard.
+
+The plan (``methods.plan.shard_ranges``) cuts the requested images into fixed-size shards. Each
+pending shard becomes one row of a Ray Dataset; a pool of actors
+(``compute=ActorPoolStrategy(min, max)``, ``num_gpus`` per actor from the config) loads the model
+once, generates the shard's images in batches, writes the shard atomically and returns its stats.
+The driver only sees small stats rows, reports progress, and writes ``manifest.json`` last.
+A rerun skips complete shards; a complete dataset is skipped outright.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from synthset import storage
+from synthset.config import ActorsConfig, Config
+from synthset.data.shards import completed_shards, iter_shard, read_manifest, shard_name, write_manifest, write_shard
+from synthset.methods.plan import shard_ranges
+from synthset.progress import Progress
+from synthset.stages.common import StageDir
+
+
+def synthesis_dir(cfg: Config) -> StageDir:
+    return StageDir.for_config(cfg, "synthesis")
+
+
+def label_dir(cfg: Config) -> StageDir:
+    return StageDir.for_config(cfg, "label")
+
+
+def _torch_setup(num_cpus: float, num_gpus: float, dtype: str = "float32"):
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+    device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    return device, {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+class ShardGenerator:
+    """Ray Data actor: loads the foundation pipeline once, turns shard rows into written shards."""
+
+    def __init__(self, model_path: str, synthesis: dict, class_names: list[str], run_seed: int,
+                 dataset: str, generator_id: str):
+        from synthset.config import SynthesisConfig
+        from synthset.models.foundation import load_foundation
+
+        self.cfg = SynthesisConfig.model_validate(synthesis)
+        device, dtype = _torch_setup(self.cfg.actors.num_cpus, self.cfg.actors.num_gpus, self.cfg.dtype)
+        # Half precision only on GPU; on CPU it is slower (bf16) or unsupported (fp16).
+        self.pipe = load_foundation(model_path, device=device, dtype=dtype if device == "cuda" else None)
+        self.class_names, self.run_seed, self.dataset, self.generator_id = class_names, run_seed, dataset, generator_id
+
+    def __call__(self, batch: dict) -> dict:
+        from synthset.methods.class_prompt import generate_batch, plan_requests
+
+        out = {"index": [], "stats": []}
+        for shard, start, stop in zip(batch["shard"], batch["start"], batch["stop"]):
+            t0 = time.time()
+            requests = plan_requests(int(start), int(stop), self.run_seed, self.class_names, self.cfg.prompt_template)
+            samples = []
+            for i in range(0, len(requests), self.cfg.batch_size):
+                chunk = requests[i:i + self.cfg.batch_size]
+                images = generate_batch(self.pipe, chunk, self.cfg.num_inference_steps, self.cfg.guidance_scale)
+                for r, image in zip(chunk, images):
+                    meta = {**r, "generator": self.generator_id, "guidance_scale": self.cfg.guidance_scale,
+                            "num_inference_steps": self.cfg.num_inference_steps}
+                    samples.append({"key": r["key"], "image": image, "cls": r["class_id"], "meta": meta})
+            stats = write_shard(self.dataset, int(shard), samples, self.cfg.image_format,
+                                {"seconds": time.time() - t0})
+            out["index"].append(int(shard))
+            out["stats"].append(stats)
+        return out
+
+
+def _run_shard_pool(tasks: list[dict], actor_cls, actor_kwargs: dict, actors: ActorsConfig, name: str,
+                    images_total: int, images_done: int, tracker=None) -> list[dict]:
+    """Run ``actor_cls`` over shard rows with an actor pool; stream back stats with progress."""
+    import ray
+
+    if not tasks:
+        return []
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    ds = ds.map_batches(actor_cls, fn_constructor_kwargs=actor_kwargs, batch_size=1, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(min_size=actors.min, max_size=actors.max),
+                        num_cpus=actors.num_cpus, num_gpus=actors.num_gpus or None)
+    progress = Progress(name, images_total, "images", every=5.0)
+    progress.done = images_done
+    results = []
+    for row in ds.iter_rows():
+        stats = row["stats"]
+        results.append(stats)
+        progress.update(stats["count"])
+        if tracker is not None:
+            tracker.log_metrics({f"{name}_images_done": progress.done, f"{name}_images_per_s": progress.rate},
+                                step=progress.done)
+    return results
+
+
+def _pending(dataset: str, ranges: list[tuple[int, int, int]], resume: bool) -> tuple[list[dict], dict[int, dict]]:
+    if not resume:
+        storage.delete_dir_contents(dataset)
+    done = completed_shards(dataset) if resume else {}
+    done = {i: s for i, s in done.items() if i < len(ranges) and s["count"] == ranges[i][2] - ranges[i][1]}
+    tasks = [{"shard": i, "start": a, "stop": b} for i, a, b in ranges if i not in done]
+    return tasks, done
+
+
+def run_synthesis(cfg: Config, model_path: str, class_names: list[str], resume: bool = True, tracker=None) -> dict:
+    """Generate the planned images into ``<synthesis dir>/data`` and return the stage summary."""
+    stage = synthesis_dir(cfg)
+    if resume and stage.is_complete():
+        print(f"[synthesis] reusing {stage.path('data')} (config hash {stage.hash})")
+        return stage.summary()
+    syn = cfg.synthesis
+    total = syn.images_per_class * len(class_names)
+    dataset = stage.path("data")
+    ranges = shard_ranges(total, syn.shard_size)
+    stage.begin(cfg)
+    tasks, done = _pending(dataset, ranges, resume)
+    print(f"[synthesis] {total} images ({syn.method}, {syn.num_inference_steps} steps, guidance {syn.guidance_scale}) "
+          f"in {len(ranges)} shards; {len(done)} already complete; actors {syn.actors.min}..{syn.actors.max} "
+          f"× {syn.actors.num_gpus} GPU")
+    t0 = time.time()
+    new = _run_shard_pool(
+        tasks, ShardGenerator,
+        {"model_path": model_path, "synthesis": syn.model_dump(mode="json"), "class_names": class_names,
+         "run_seed": cfg.run.seed, "dataset": dataset, "generator_id": model_path},
+        syn.actors, "synthesis", total, sum(s["count"] for s in done.values()), tracker)
+    seconds = time.time() - t0
+    stats = list(done.values()) + new
+    generated = sum(s["count"] for s in new)
+    manifest = write_manifest(dataset, {"config_hash": stage.hash, "class_names": class_names, "method": syn.method,
+                                        "generator": model_path, "run_seed": cfg.run.seed,
+                                        "plan": {"total": total, "shard_size": syn.shard_size}}, stats)
+    if manifest["num_samples"] != total:
+        raise RuntimeError(f"synthesis: {manifest['num_samples']} samples written, {total} planned")
+    summary = stage.complete({"dataset": dataset, "num_samples": total, "generated_now": generated,
+                              "seconds": seconds, "images_per_s": generated / seconds if seconds > 0 else 0.0})
+    print(f"[synthesis] {generated} images generated in {seconds:.0f}s "
+          f"({summary['images_per_s']:.1f} images/s) → {dataset}")
+    return summary
+
+
+class ShardLabeller:
+    """Ray Data actor: adds Teacher probabilities (``<key>.soft.npy``) to each sample of a shard."""
+
+    def __init__(self, teacher_path: str, source: str, dataset: str, batch_size: int, num_cpus: float, num_gpus: float):
+        from synthset.models.classifiers import load_classifier
+
+        device, _ = _torch_setup(num_cpus, num_gpus)
+        self.model = load_classifier(teacher_path, device)
+        self.source, self.dataset, self.batch_size = source, dataset, batch_size
+        self.image_format = "png"
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from synthset.data.shards import image_to_tensor
+        from synthset.models.training import predict_proba
+
+        out = {"index": [], "stats": []}
+        for shard in batch["shard"]:
+            t0 = time.time()
+            samples = list(iter_shard(storage.join(self.source, shard_name(int(shard)))))
+            x = torch.stack([image_to_tensor(s["image"]) for s in samples])
+            probs = predict_proba(self.model, x, self.batch_size)
+            agree = 0
+            for s, p in zip(samples, probs):
+                s["soft"] = p
+                agree += int(p.argmax() == s["cls"])
+            stats = write_shard(self.dataset, int(shard), samples, self.image_format,
+                                {"seconds": time.time() - t0, "teacher_agrees": agree})
+            out["index"].append(int(shard))
+            out["stats"].append(stats)
+        return out
+
+
+def run_label(cfg: Config, source: str, teacher_path: str, resume: bool = True, tracker=None) -> dict:
+    """Write a labelled copy of the synthetic dataset ``source`` with Teacher soft labels."""
+    stage = label_dir(cfg)
+    if resume and stage.is_complete():
+        print(f"[label] reusing {stage.path('data')} (config hash {stage.hash})")
+        return stage.summary()
+    src = read_manifest(source)
+    dataset = stage.path("data")
+    stage.begin(cfg)
+    ranges = [(i, 0, s["count"]) for i, s in enumerate(src["shards"])]
+    tasks, done = _pending(dataset, ranges, resume)
+    t0 = time.time()
+    acts = cfg.label.actors
+    new = _run_shard_pool(tasks, ShardLabeller,
+                          {"teacher_path": teacher_path, "source": source, "dataset": dataset,
+                           "batch_size": cfg.label.batch_size, "num_cpus": acts.num_cpus, "num_gpus": acts.num_gpus},
+                          acts, "label", src["num_samples"], sum(s["count"] for s in done.values()), tracker)
+    stats = list(done.values()) + new
+    agree = sum(s["teacher_agrees"] for s in stats)
+    manifest = write_manifest(dataset, {"config_hash": stage.hash, "class_names": src["class_names"],
+                                        "method": src["method"], "generator": src["generator"],
+                                        "teacher": teacher_path, "source": source}, stats)
+    agreement = agree / max(1, manifest["num_samples"])
+    summary = stage.complete({"dataset": dataset, "num_samples": manifest["num_samples"],
+                              "teacher_agreement": agreement, "seconds": time.time() - t0})
+    print(f"[label] Teacher labels {agreement:.1%} of {manifest['num_samples']} synthetic images as their prompted class")
+    return summary
+
+
+def dataset_sample_grid(dataset: str, path: str, per_class: int = 10) -> None:
+    """A per-class grid from the first shard(s) of ``dataset``."""
+    from synthset.eval.plots import save_class_grid
+
+    manifest = read_manifest(dataset)
+    names = manifest["class_names"]
+    images, labels = [], []
+    for shard in manifest["shards"]:
+        for s in iter_shard(storage.join(dataset, shard["shard"])):
+            images.append(s["image"])
+            labels.append(s["cls"])
+        if all(np.sum(np.array(labels) == c) >= per_class for c in range(len(names))):
+            break
+    save_class_grid(np.stack(images), np.array(labels), names, path, per_class)

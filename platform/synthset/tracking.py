@@ -1,0 +1,91 @@
+"""MLflow tracking: one parent run per pipeline (or job), one nested run per stage.
+
+The tracking URI defaults to a SQLite file under the run's output root (absolute, because Ray
+Tune changes trial working directories); set ``tracking.uri`` to an ``http://`` MLflow server
+in production. ``tracking.enabled: false`` turns every call into a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+from synthset.config import Config
+from synthset.stages.common import output_root
+
+
+def tracking_uri(cfg: Config) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    root = output_root(cfg)
+    if "://" in root:
+        raise ValueError("tracking.uri: set an MLflow server URI when output.root is remote")
+    return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:5000]
+    return out
+
+
+class Tracker:
+    """``with Tracker(cfg).pipeline_run("pipeline"): ... tracker.log_stage(...)``."""
+
+    def __init__(self, cfg: Config):
+        self.enabled = cfg.tracking.enabled
+        self.cfg = cfg
+        self.uri = tracking_uri(cfg) if self.enabled else None
+        self.parent = None
+        if self.enabled:
+            import mlflow
+
+            os.makedirs(output_root(cfg), exist_ok=True) if "://" not in output_root(cfg) else None
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_experiment(cfg.tracking.experiment)
+
+    @contextmanager
+    def pipeline_run(self, name: str):
+        if not self.enabled:
+            yield self
+            return
+        import mlflow
+
+        from synthset.config import config_hash
+
+        with mlflow.start_run(run_name=f"{self.cfg.run.name}-{name}") as run:
+            self.parent = run
+            mlflow.set_tags({"synthset.config_hash": config_hash(self.cfg.to_dict()), "synthset.job": name})
+            mlflow.log_params(flatten(self.cfg.to_dict()))
+            try:
+                yield self
+            finally:
+                self.parent = None
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def log_stage(self, stage: str, cfg: Config, metrics: dict | None = None, params: dict | None = None,
+                  artifacts: list[str] | None = None) -> None:
+        """A nested run for ``stage`` under the active parent (or a top-level run if none)."""
+        if not self.enabled:
+            return
+        import mlflow
+
+        with mlflow.start_run(run_name=stage, nested=self.parent is not None):
+            mlflow.set_tag("synthset.stage", stage)
+            if params:
+                mlflow.log_params(flatten(params))
+            if metrics:
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+            for path in artifacts or []:
+                if os.path.exists(path):
+                    mlflow.log_artifact(path)

@@ -1,0 +1,85 @@
+import subprocess
+import sys
+import time
+
+import pytest
+
+from synthset.config import Config, apply_overrides, load_config, stage_hash
+from conftest import ROOT
+
+
+def test_defaults_and_yaml_files_validate():
+    Config()
+    for path in sorted((ROOT / "conf").glob("*.yaml")):
+        load_config(path)
+
+
+def test_unknown_key_is_named_with_its_dotted_path(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("synthesis:\n  actors:\n    num_gpu: 1\n")
+    with pytest.raises(ValueError, match=r"synthesis\.actors\.num_gpu: unknown key"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("synthesis.guidance_scale=-1", "synthesis.guidance_scale"),
+    ("foundation.pretrain.prompt_dropout=1.5", "foundation.pretrain.prompt_dropout"),
+    ("student.temperature=0", "student.temperature"),
+    ("synthesis.actors.min=3", "synthesis.actors"),
+    ("data.source=mnist", "data.source"),
+    ("synthesis.prompt_template=a photo", "synthesis.prompt_template"),
+])
+def test_out_of_range_values_name_the_field(override, field):
+    with pytest.raises(ValueError) as err:
+        load_config(None, [override])
+    assert field in str(err.value)
+
+
+def test_set_overrides_parse_yaml_values():
+    cfg = load_config(None, ["synthesis.guidance_scale=2.5", "student.labels=[soft]", "tracking.uri=null",
+                             "run.name=x=y"])
+    assert cfg.synthesis.guidance_scale == 2.5
+    assert cfg.student.labels == ["soft"]
+    assert cfg.tracking.uri is None
+    assert cfg.run.name == "x=y"
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ValueError, match="key.path=value"):
+        apply_overrides({}, ["synthesis.guidance_scale"])
+    with pytest.raises(ValueError, match="is not a section"):
+        apply_overrides({"run": {"name": "a"}}, ["run.name.x=1"])
+
+
+def test_stage_hashes_follow_dependencies():
+    base = load_config(None)
+    student = load_config(None, ["student.epochs=3"])
+    synth = load_config(None, ["synthesis.guidance_scale=5"])
+    assert stage_hash(base, "teacher") == stage_hash(student, "teacher")
+    assert stage_hash(base, "synthesis") == stage_hash(student, "synthesis")
+    assert stage_hash(base, "student") != stage_hash(student, "student")
+    assert stage_hash(base, "foundation") == stage_hash(synth, "foundation")
+    assert stage_hash(base, "synthesis") != stage_hash(synth, "synthesis")
+    assert stage_hash(base, "label") != stage_hash(synth, "label")
+    assert stage_hash(base, "synthesis") == stage_hash(load_config(None), "synthesis")  # stable
+
+
+def test_bad_config_fails_fast_from_the_job_entrypoint(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("synthesis:\n  guidance_scale: 99\n")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(p)],
+                          capture_output=True, text=True, timeout=60)
+    assert time.time() - t0 < 5
+    assert proc.returncode == 2
+    assert "synthesis.guidance_scale" in proc.stderr
+
+
+def test_dry_run_prints_resolved_config_and_does_no_work(tmp_path):
+    root = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config",
+                           str(ROOT / "conf" / "tiny.yaml"), "--set", f"output.root={root}", "--dry-run"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "guidance_scale" in proc.stdout and "stage" not in proc.stderr
+    assert not root.exists()

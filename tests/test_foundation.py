@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+import torch
+
+from synthset.methods.class_prompt import generate_batch, plan_requests
+from synthset.models.foundation import build_tokenizer, load_foundation, vocabulary_words
+
+NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+
+
+def test_tokenizer_knows_every_vocabulary_word_as_one_token(tmp_path):
+    tok = build_tokenizer(vocabulary_words(), tmp_path)
+    for word in ["shirt", "ankle", "boot", "photo", "sneaker", "dark", "striped"]:
+        assert tok.tokenize(word) == [f"{word}</w>"]
+    assert tok.tokenize("t-shirt") == ["t</w>", "-</w>", "shirt</w>"]
+    assert len(tok.tokenize("zebra")) > 1 and tok.unk_token_id not in tok("zebra").input_ids[1:-1]
+
+
+def test_save_pretrained_round_trip_gives_identical_images(tiny_pipeline_dir):
+    files = {p.suffix for p in tiny_pipeline_dir.rglob("*") if p.is_file()}
+    assert ".safetensors" in files and ".bin" not in files and ".pt" not in files
+    pipe = load_foundation(str(tiny_pipeline_dir))
+    requests = plan_requests(0, 4, 0, NAMES, "a photo of a {class}")
+    a = generate_batch(pipe, requests, num_inference_steps=2, guidance_scale=2.0)
+    b = generate_batch(load_foundation(str(tiny_pipeline_dir)), requests, num_inference_steps=2, guidance_scale=2.0)
+    assert a.shape == (4, 32, 32) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+
+
+def test_each_image_depends_only_on_its_request(tiny_pipeline_dir):
+    pipe = load_foundation(str(tiny_pipeline_dir))
+    requests = plan_requests(0, 6, 0, NAMES, "a photo of a {class}")
+    together = generate_batch(pipe, requests, 2, 2.0)
+    alone = generate_batch(pipe, requests[3:4], 2, 2.0)
+    assert np.abs(together[3].astype(int) - alone[0].astype(int)).max() <= 1
+    assert not np.array_equal(together[0], together[1])
+
+
+def test_classifier_free_guidance_changes_the_output(tiny_pipeline_dir):
+    pipe = load_foundation(str(tiny_pipeline_dir))
+    req = plan_requests(0, 2, 0, NAMES, "a photo of a {class}")
+    torch.manual_seed(0)
+    assert not np.array_equal(generate_batch(pipe, req, 2, 1.0), generate_batch(pipe, req, 2, 5.0))
+
+
+def test_missing_model_path_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="foundation.path"):
+        load_foundation(str(tmp_path / "nope"))
