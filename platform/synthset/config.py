@@ -86,11 +86,13 @@ class PretrainConfig(Section):
     vae_steps: int = Field(600, ge=1)
     vae_batch_size: int = Field(128, ge=1)
     vae_lr: float = Field(2e-3, gt=0, le=1)
-    vae_kl_weight: float = Field(1e-6, ge=0)
+    vae_kl_weight: float = Field(2.5e-4, ge=0, description="KL weight; a smoother latent is easier to diffuse.")
     unet_steps: int = Field(2000, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0, le=1)
     prompt_dropout: float = Field(0.1, ge=0, le=1, description="Probability of an empty prompt (classifier-free guidance).")
+    min_snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR-γ loss weighting; null for plain MSE.")
+    ema_decay: float | None = Field(0.999, gt=0, lt=1, description="EMA of UNet/text-encoder weights; null to disable.")
     prompt_template: str = "a photo of a {class}"
     num_cpus: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -128,6 +130,7 @@ class SynthesisConfig(Section):
     images_per_class: int = Field(1000, ge=1)
     guidance_scale: float = Field(3.0, ge=0, le=50)
     num_inference_steps: int = Field(10, ge=1, le=1000)
+    resolution: int | None = Field(None, ge=8, le=4096, description="Output size in pixels; None: the model's native size.")
     batch_size: int = Field(64, ge=1)
     shard_size: int = Field(1000, ge=1)
     image_format: Literal["png", "jpg"] = "png"

@@ -80,6 +80,9 @@ def run_pipeline(cfg: Config, resume: bool = True) -> dict:
             "foundation_model": foundation.get("model"), "sample_grid": grid,
             "confusion_matrices": [os.path.join(s["model"], "confusion_matrix.png") for s in students.values()],
             "mlflow_uri": tracker.uri, "seconds": time.time() - t0,
+            "stage_seconds": {name: round(st.get("seconds", 0.0), 1) for name, st in
+                              [("foundation", foundation), ("teacher", teacher), ("synthesis", synthesis),
+                               ("label", label), *[(f"student-{k}", v) for k, v in students.items()]]},
         }
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, float) or isinstance(v, int)})
         tracker.log_stage("evaluate", cfg, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))},
@@ -104,7 +107,8 @@ def format_summary(summary: dict) -> str:
               f"MLflow store:  {summary['mlflow_uri']}"]
     if summary.get("mlflow_uri"):
         lines.append(f"Open the UI:   .venv/bin/mlflow ui --backend-store-uri {summary['mlflow_uri']}")
-    lines.append(f"Total time:    {summary['seconds']:.0f}s")
+    lines.append(f"Total time:    {summary['seconds']:.0f}s (stages, when run: "
+                 + ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items()) + ")")
     return "\n".join(lines)
 
 

@@ -80,3 +80,34 @@ def delete_dir_contents(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir_contents(path)
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
+    """Copy every file under ``local_dir`` to ``uri`` (no-op when they are the same place)."""
+    local_dir = Path(local_dir).resolve()
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem) and Path(path) == local_dir:
+        return
+    for f in sorted(local_dir.rglob("*")):
+        if f.is_file():
+            write_bytes(join(uri, *f.relative_to(local_dir).parts), f.read_bytes())
+
+
+def materialize(uri: str, cache_root: str | os.PathLike = "~/.cache/synthset/artifacts") -> str:
+    """A local directory with the files under ``uri``: the path itself when local, else a cached copy."""
+    if is_local(uri):
+        return uri[len("file://"):] if uri.startswith("file://") else uri
+    import hashlib
+
+    target = Path(cache_root).expanduser() / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (target / ".complete").exists():
+        return str(target)
+    fs, path = resolve(uri)
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if info.type == pafs.FileType.File:
+            dest = target / info.path[len(path):].lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as src:
+                dest.write_bytes(src.read())
+    (target / ".complete").write_text(uri)
+    return str(target)

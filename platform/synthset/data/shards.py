@@ -163,8 +163,19 @@ def iter_shard(path: str, decode: bool = True) -> Iterator[dict]:
         yield current
 
 
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W[, C]) → float (C, H, W) in [-1, 1]."""
+def image_to_tensor(image: np.ndarray, size: int | None = None, channels: int | None = None) -> torch.Tensor:
+    """uint8 (H, W[, C]) → float (C, H, W) in [-1, 1], optionally resized and converted.
+
+    Generators may produce another resolution or colour mode than the classifiers read (SD 2.1
+    writes 512 px RGB); ``size`` and ``channels`` bring every image to the classifier's input.
+    """
+    if (size is not None and image.shape[:2] != (size, size)) or (channels == 1 and image.ndim == 3):
+        pil = Image.fromarray(image)
+        if channels == 1:
+            pil = pil.convert("L")
+        if size is not None and pil.size != (size, size):
+            pil = pil.resize((size, size), Image.BILINEAR)
+        image = np.asarray(pil)
     x = torch.from_numpy(np.array(image, copy=True)).float().div(127.5).sub(1.0)
     return x[None] if x.ndim == 2 else x.permute(2, 0, 1)
 
@@ -177,8 +188,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, dataset: str, shuffle: bool = False, seed: int = 0, buffer: int = 2000,
-                 rank: int = 0, world_size: int = 1, limit: int | None = None):
+                 rank: int = 0, world_size: int = 1, limit: int | None = None,
+                 image_size: int | None = None, channels: int | None = None):
         self.paths = shard_paths(dataset)
+        self.image_size, self.channels = image_size, channels
         self.shuffle, self.seed, self.buffer = shuffle, seed, buffer
         self.rank, self.world_size, self.limit = rank, world_size, limit
         self.epoch = 0
@@ -217,10 +230,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         while buf:
             yield self._item(buf.pop(int(rng.integers(len(buf)))))
 
-    @staticmethod
-    def _item(s: dict):
+    def _item(self, s: dict):
         soft = torch.from_numpy(s["soft"]) if "soft" in s else torch.empty(0)
-        return image_to_tensor(s["image"]), s["cls"], soft
+        return image_to_tensor(s["image"], self.image_size, self.channels), s["cls"], soft
 
 
 def read_ray_dataset(dataset: str):

@@ -8,7 +8,7 @@ from synthset.eval.classification import classification_report
 from synthset.models.classifiers import load_classifier
 from synthset.models.training import predict_proba
 from synthset.stages.classifier import student_dir, teacher_dir
-from synthset.stages.common import local_path
+from synthset import storage
 
 
 def evaluate_classifiers(cfg: Config) -> dict:
@@ -20,7 +20,7 @@ def evaluate_classifiers(cfg: Config) -> dict:
         if not stage.is_complete():
             results[name] = {"status": f"not trained for this config ({stage.uri})"}
             continue
-        model = load_classifier(local_path(stage.uri))
+        model = load_classifier(storage.materialize(stage.uri))
         report = classification_report(splits.test.labels, predict_proba(model, x), splits.class_names)
         results[name] = {"accuracy": report["accuracy"], "per_class_accuracy": report["per_class_accuracy"]}
     return results

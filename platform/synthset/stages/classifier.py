@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 
 from synthset.config import ClassifierConfig, Config
-from synthset.stages.common import StageDir, local_path
+from synthset import storage
+from synthset.stages.common import StageDir
 
 
 def teacher_dir(cfg: Config) -> StageDir:
@@ -30,6 +32,7 @@ def _train_loop(config: dict) -> None:
     import torch
 
     import ray.train
+    from synthset import storage
     from synthset.data.shards import ShardDataset, read_manifest
     from synthset.data.splits import fit_images, make_splits, to_unit_tensor
     from synthset.eval.classification import classification_report
@@ -59,7 +62,8 @@ def _train_loop(config: dict) -> None:
     else:  # Student: synthetic shards, split across workers
         manifest = read_manifest(config["dataset"])
         n_train = manifest["num_samples"]
-        data = ShardDataset(config["dataset"], shuffle=True, seed=ccfg.seed, rank=rank, world_size=world)
+        data = ShardDataset(config["dataset"], shuffle=True, seed=ccfg.seed, rank=rank, world_size=world,
+                            image_size=size, channels=1)
         steps = (n_train // world + ccfg.batch_size - 1) // ccfg.batch_size
 
         def batches(epoch):
@@ -77,6 +81,7 @@ def _train_loop(config: dict) -> None:
     if rank != 0:
         return
     model = getattr(model, "module", model)
+    stage_uri, out = out, (out if storage.is_local(out) else tempfile.mkdtemp(prefix=f"{role}-"))
     save_classifier(model, out, ccfg, len(names), 1, {"role": role, "labels": labels})
     x_test = to_unit_tensor(fit_images(splits.test.images, size))
     probs = predict_proba(model, x_test)
@@ -88,6 +93,7 @@ def _train_loop(config: dict) -> None:
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump({**metrics, "per_class_accuracy": report["per_class_accuracy"],
                    "confusion_matrix": report["confusion_matrix"]}, f, indent=1)
+    storage.upload_dir(out, stage_uri)  # no-op for a local output root
     ray.train.report(metrics)
 
 
@@ -100,7 +106,7 @@ def _run(cfg: Config, stage: StageDir, ccfg: ClassifierConfig, role: str, labels
     from ray.train.torch import TorchTrainer
 
     stage.begin(cfg)
-    out = local_path(stage.uri)
+    out = stage.uri
     what = "the private split" if dataset is None else f"{dataset} ({labels} labels)"
     print(f"[{role}] training {ccfg.arch} for {ccfg.epochs} epochs on {what} with {ccfg.num_workers} worker(s)")
     t0 = time.time()
@@ -110,16 +116,17 @@ def _run(cfg: Config, stage: StageDir, ccfg: ClassifierConfig, role: str, labels
                            "out": out, "labels": labels, "dataset": dataset, "temperature": temperature},
         scaling_config=ScalingConfig(num_workers=ccfg.num_workers, use_gpu=ccfg.use_gpu,
                                      resources_per_worker={"CPU": ccfg.cpus_per_worker}),
-        run_config=RunConfig(name=f"{role}-{stage.hash}", storage_path=os.path.join(out, "_ray")),
+        run_config=RunConfig(name=f"{role}-{stage.hash}", storage_path=stage.path("_ray")),
     ).fit()
-    metrics = json.loads(open(os.path.join(out, "metrics.json")).read())
+    metrics = storage.read_json(stage.path("metrics.json"))
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     per_class = {f"acc_{k.replace(' ', '_')}": v for k, v in metrics["per_class_accuracy"].items()}
     summary = stage.complete({"model": out, "seconds": time.time() - t0, **scalars})
     print(f"[{role}] test accuracy {metrics['test_accuracy']:.4f} ({time.time() - t0:.0f}s)")
     if tracker is not None:
+        local = storage.materialize(out)
         tracker.log_stage(role, cfg, metrics={**scalars, **per_class}, params=ccfg.model_dump(mode="json"),
-                          artifacts=[os.path.join(out, "confusion_matrix.png"), os.path.join(out, "metrics.json")])
+                          artifacts=[os.path.join(local, "confusion_matrix.png"), os.path.join(local, "metrics.json")])
     return summary
 
 

@@ -66,7 +66,8 @@ def _pretrain_loop(config: dict) -> None:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     t0 = time.time()
     unet_losses = train_unet(pipe.unet, pipe.text_encoder, pipe.tokenizer, noise_scheduler, latents * scaling,
-                             prompts, pre.unet_steps, pre.batch_size, pre.lr, pre.prompt_dropout, pre.seed + 1)
+                             prompts, pre.unet_steps, pre.batch_size, pre.lr, pre.prompt_dropout, pre.seed + 1,
+                             min_snr_gamma=pre.min_snr_gamma, ema_decay=pre.ema_decay)
     unet_seconds = time.time() - t0
     pipe.save_pretrained(os.path.join(out, "model"), safe_serialization=True)
     save_curves({"vae": vae_losses}, os.path.join(out, "vae_loss.png"), "VAE loss")

@@ -62,7 +62,8 @@ class ShardGenerator:
             samples = []
             for i in range(0, len(requests), self.cfg.batch_size):
                 chunk = requests[i:i + self.cfg.batch_size]
-                images = generate_batch(self.pipe, chunk, self.cfg.num_inference_steps, self.cfg.guidance_scale)
+                images = generate_batch(self.pipe, chunk, self.cfg.num_inference_steps, self.cfg.guidance_scale,
+                                        self.cfg.resolution, self.cfg.resolution)
                 for r, image in zip(chunk, images):
                     meta = {**r, "generator": self.generator_id, "guidance_scale": self.cfg.guidance_scale,
                             "num_inference_steps": self.cfg.num_inference_steps}
@@ -146,12 +147,13 @@ def run_synthesis(cfg: Config, model_path: str, class_names: list[str], resume: 
 class ShardLabeller:
     """Ray Data actor: adds Teacher probabilities (``<key>.soft.npy``) to each sample of a shard."""
 
-    def __init__(self, teacher_path: str, source: str, dataset: str, batch_size: int, num_cpus: float, num_gpus: float):
+    def __init__(self, teacher_path: str, source: str, dataset: str, batch_size: int, num_cpus: float, num_gpus: float,
+                 image_size: int):
         from synthset.models.classifiers import load_classifier
 
         device, _ = _torch_setup(num_cpus, num_gpus)
-        self.model = load_classifier(teacher_path, device)
-        self.source, self.dataset, self.batch_size = source, dataset, batch_size
+        self.model = load_classifier(storage.materialize(teacher_path), device)
+        self.source, self.dataset, self.batch_size, self.image_size = source, dataset, batch_size, image_size
         self.image_format = "png"
 
     def __call__(self, batch: dict) -> dict:
@@ -164,12 +166,12 @@ class ShardLabeller:
         for shard in batch["shard"]:
             t0 = time.time()
             samples = list(iter_shard(storage.join(self.source, shard_name(int(shard)))))
-            x = torch.stack([image_to_tensor(s["image"]) for s in samples])
+            x = torch.stack([image_to_tensor(s["image"], self.image_size, 1) for s in samples])
             probs = predict_proba(self.model, x, self.batch_size)
-            agree = 0
+            agree: dict[str, int] = {}
             for s, p in zip(samples, probs):
                 s["soft"] = p
-                agree += int(p.argmax() == s["cls"])
+                agree[str(s["cls"])] = agree.get(str(s["cls"]), 0) + int(p.argmax() == s["cls"])
             stats = write_shard(self.dataset, int(shard), samples, self.image_format,
                                 {"seconds": time.time() - t0, "teacher_agrees": agree})
             out["index"].append(int(shard))
@@ -192,16 +194,23 @@ def run_label(cfg: Config, source: str, teacher_path: str, resume: bool = True, 
     acts = cfg.label.actors
     new = _run_shard_pool(tasks, ShardLabeller,
                           {"teacher_path": teacher_path, "source": source, "dataset": dataset,
-                           "batch_size": cfg.label.batch_size, "num_cpus": acts.num_cpus, "num_gpus": acts.num_gpus},
+                           "batch_size": cfg.label.batch_size, "num_cpus": acts.num_cpus, "num_gpus": acts.num_gpus,
+                           "image_size": cfg.data.image_size},
                           acts, "label", src["num_samples"], sum(s["count"] for s in done.values()), tracker)
     stats = list(done.values()) + new
-    agree = sum(s["teacher_agrees"] for s in stats)
-    manifest = write_manifest(dataset, {"config_hash": stage.hash, "class_names": src["class_names"],
+    names = src["class_names"]
+    agree = {c: sum(s["teacher_agrees"].get(str(c), 0) for s in stats) for c in range(len(names))}
+    totals = {c: sum(s["per_class"].get(str(c), 0) for s in stats) for c in range(len(names))}
+    per_class = {names[c]: agree[c] / totals[c] for c in range(len(names)) if totals[c]}
+    agreement = sum(agree.values()) / max(1, sum(totals.values()))
+    manifest = write_manifest(dataset, {"config_hash": stage.hash, "class_names": names,
                                         "method": src["method"], "generator": src["generator"],
-                                        "teacher": teacher_path, "source": source}, stats)
-    agreement = agree / max(1, manifest["num_samples"])
+                                        "teacher": teacher_path, "source": source,
+                                        "teacher_agreement": agreement, "teacher_agreement_per_class": per_class},
+                              stats)
     summary = stage.complete({"dataset": dataset, "num_samples": manifest["num_samples"],
-                              "teacher_agreement": agreement, "seconds": time.time() - t0})
+                              "teacher_agreement": agreement, "teacher_agreement_per_class": per_class,
+                              "seconds": time.time() - t0})
     print(f"[label] Teacher labels {agreement:.1%} of {manifest['num_samples']} synthetic images as their prompted class")
     return summary
 
