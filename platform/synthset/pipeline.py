@@ -74,7 +74,7 @@ def run_pipeline(cfg: Config, resume: bool = True) -> dict:
             "teacher_accuracy": teacher["test_accuracy"],
             **{f"student_{k}_accuracy": s["test_accuracy"] for k, s in students.items()},
             "teacher_agreement_on_synthetic": label["teacher_agreement"],
-            "images": synthesis["num_samples"], "images_generated_now": synthesis.get("generated_now", 0),
+            "images": synthesis["num_samples"], "images_generated_now": 0 if synthesis.get("reused") else synthesis.get("generated_now", 0),
             "images_per_s": synthesis.get("images_per_s", 0.0),
             "shards": synthesis["dataset"], "labelled_shards": label["dataset"],
             "foundation_model": foundation.get("model"), "sample_grid": grid,

@@ -105,6 +105,9 @@ def build_foundation(arch: FoundationArch, seed: int = 0):
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
         algorithm_type="dpmsolver++", solver_order=2, steps_offset=1,
+        # The cosine schedule reaches SNR ≈ 0 at t = 999, where an ε-prediction step is ill-conditioned
+        # (its x0 estimate divides by √ᾱ ≈ 0): clip λ(t) as diffusers recommends for this schedule.
+        lambda_min_clipped=-5.1,
     )
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,

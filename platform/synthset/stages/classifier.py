@@ -101,7 +101,7 @@ def _run(cfg: Config, stage: StageDir, ccfg: ClassifierConfig, role: str, labels
          dataset: str | None, temperature: float, tracker) -> dict:
     if stage.is_complete():
         print(f"[{role}] reusing {stage.uri} (config hash {stage.hash})")
-        return stage.summary()
+        return {**stage.summary(), "reused": True}
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -112,7 +112,8 @@ def _run(cfg: Config, stage: StageDir, ccfg: ClassifierConfig, role: str, labels
     t0 = time.time()
     TorchTrainer(
         _train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "classifier": ccfg.model_dump(mode="json"), "role": role,
+        train_loop_config={"cfg": cfg.to_dict(), "role": role,
+                           "classifier": ccfg.model_dump(mode="json", include=set(ClassifierConfig.model_fields)),
                            "out": out, "labels": labels, "dataset": dataset, "temperature": temperature},
         scaling_config=ScalingConfig(num_workers=ccfg.num_workers, use_gpu=ccfg.use_gpu,
                                      resources_per_worker={"CPU": ccfg.cpus_per_worker}),

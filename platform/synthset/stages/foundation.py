@@ -91,7 +91,7 @@ def run_foundation(cfg: Config, tracker=None) -> dict:
         return {"stage": "foundation", "model": cfg.foundation.path, "pretrained": False}
     if stage.is_complete():
         print(f"[foundation] reusing cached model {stage.path('model')} (config hash {stage.hash})")
-        return stage.summary()
+        return {**stage.summary(), "reused": True}
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -113,7 +113,7 @@ def run_synthesis(cfg: Config, model_path: str, class_names: list[str], resume: 
     stage = synthesis_dir(cfg)
     if resume and stage.is_complete():
         print(f"[synthesis] reusing {stage.path('data')} (config hash {stage.hash})")
-        return stage.summary()
+        return {**stage.summary(), "reused": True}
     syn = cfg.synthesis
     total = syn.images_per_class * len(class_names)
     dataset = stage.path("data")
@@ -184,7 +184,7 @@ def run_label(cfg: Config, source: str, teacher_path: str, resume: bool = True, 
     stage = label_dir(cfg)
     if resume and stage.is_complete():
         print(f"[label] reusing {stage.path('data')} (config hash {stage.hash})")
-        return stage.summary()
+        return {**stage.summary(), "reused": True}
     src = read_manifest(source)
     dataset = stage.path("data")
     stage.begin(cfg)
