@@ -43,6 +43,8 @@ def test_pipeline_end_to_end_and_rerun_does_no_duplicate_work(tmp_path):
     # The foundation model is a diffusers pipeline of safetensors files, loadable by path.
     model = next((root / "foundation").glob("*/model"))
     assert (model / "model_index.json").exists() and list(model.rglob("*.safetensors"))
+    splits = json.loads(next((root / "teacher").glob("*/splits.json")).read_text())
+    assert len(splits["private"]) == 1000 and not set(splits["private"]) & set(splits["public"])
     for stage in ("foundation", "teacher", "synthesis", "label", "student-soft", "student-hard"):
         stage_dir = next((root / stage).iterdir())
         assert (stage_dir / "_SUCCESS.json").exists() and (stage_dir / "config.yaml").exists()

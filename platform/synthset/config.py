@@ -155,6 +155,8 @@ class ClassifierConfig(Section):
     weight_decay: float = Field(5e-4, ge=0)
     augment: bool = True
     seed: int = Field(0, ge=0)
+    in_memory_limit: int = Field(200_000, ge=0, description="Synthetic datasets up to this size are decoded once "
+                                 "into memory; larger ones stream from the shards every epoch.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel).")
     cpus_per_worker: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -206,6 +208,12 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# How work is executed, not what it produces: left out of stage hashes, so a rerun with more
+# actors or another batch size resumes the same dataset instead of starting a new one.
+EXECUTION_ONLY = ("synthesis.batch_size", "synthesis.actors", "label.batch_size", "label.actors",
+                  "teacher.in_memory_limit", "student.in_memory_limit")
+
+
 def _dig(d: dict, dotted: str):
     for part in dotted.split("."):
         d = d[part]
@@ -223,6 +231,9 @@ def stage_hash(cfg: Config, stage: str, extra: Any = None) -> str:
     d = cfg.to_dict()
     if cfg.foundation.path is not None:  # a given model: its architecture/pretraining don't matter
         d["foundation"] = {"path": cfg.foundation.path}
+    for dotted in EXECUTION_ONLY:
+        section, key = dotted.split(".")
+        d[section].pop(key, None)
     parts = {key: _dig(d, key) for key in STAGE_INPUTS[stage]}
     return config_hash({"stage": stage, "inputs": parts, "extra": extra})
 

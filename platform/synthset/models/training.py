@@ -87,10 +87,11 @@ def predict_proba(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def array_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, epoch: int):
-    """Seeded shuffled mini-batches of in-memory tensors, as (images, labels, empty soft)."""
+def array_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, epoch: int,
+                  soft: torch.Tensor | None = None):
+    """Seeded shuffled mini-batches of in-memory tensors, as (images, labels, soft or empty)."""
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
     empty = torch.empty(0)
     for i in range(0, len(x), batch_size):
         idx = perm[i:i + batch_size]
-        yield x[idx], y[idx], empty
+        yield x[idx], y[idx], (soft[idx] if soft is not None else empty)

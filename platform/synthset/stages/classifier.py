@@ -65,12 +65,18 @@ def _train_loop(config: dict) -> None:
         data = ShardDataset(config["dataset"], shuffle=True, seed=ccfg.seed, rank=rank, world_size=world,
                             image_size=size, channels=1)
         steps = (n_train // world + ccfg.batch_size - 1) // ccfg.batch_size
-
-        def batches(epoch):
-            data.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(data, batch_size=ccfg.batch_size, num_workers=0)
-            for images, cls, soft in loader:
-                yield images, cls, soft
+        if n_train <= ccfg.in_memory_limit:  # decode this rank's shards once, not every epoch
+            items = list(ShardDataset(config["dataset"], rank=rank, world_size=world, image_size=size, channels=1))
+            xs = torch.stack([i[0] for i in items])
+            ys = torch.tensor([i[1] for i in items])
+            soft = torch.stack([i[2] for i in items])
+            batches = lambda epoch: array_batches(xs, ys, ccfg.batch_size, ccfg.seed, epoch, soft)
+        else:
+            def batches(epoch):
+                data.set_epoch(epoch)
+                loader = torch.utils.data.DataLoader(data, batch_size=ccfg.batch_size, num_workers=0)
+                for images, cls, soft in loader:
+                    yield images, cls, soft
 
     t0 = time.time()
     losses = fit_classifier(model, batches, ccfg.epochs, steps, ccfg.lr, ccfg.weight_decay,
@@ -106,6 +112,10 @@ def _run(cfg: Config, stage: StageDir, ccfg: ClassifierConfig, role: str, labels
     from ray.train.torch import TorchTrainer
 
     stage.begin(cfg)
+    if dataset is None:  # record exactly which real images the Teacher sees
+        from synthset.data.splits import make_splits
+
+        storage.write_json(stage.path("splits.json"), make_splits(cfg.data).record())
     out = stage.uri
     what = "the private split" if dataset is None else f"{dataset} ({labels} labels)"
     print(f"[{role}] training {ccfg.arch} for {ccfg.epochs} epochs on {what} with {ccfg.num_workers} worker(s)")

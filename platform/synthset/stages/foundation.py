@@ -97,6 +97,9 @@ def run_foundation(cfg: Config, tracker=None) -> dict:
 
     stage.begin(cfg)
     out = local_path(stage.uri)
+    from synthset.data.splits import make_splits, write_splits
+
+    write_splits(make_splits(cfg.data), os.path.join(out, "splits.json"))  # which public images it saw
     pre = cfg.foundation.pretrain
     print(f"[foundation] pretraining on {cfg.data.splits.public} public images: "
           f"{pre.vae_steps} VAE steps, {pre.unet_steps} UNet steps → {out}")
