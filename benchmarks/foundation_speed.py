@@ -35,9 +35,10 @@ def main() -> None:
     parser.add_argument("--config", default="conf/quickstart.yaml")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     arch, pre, syn = cfg.foundation.arch, cfg.foundation.pretrain, cfg.synthesis
     pipe = build_foundation(arch)
     vae, unet, te = pipe.vae, pipe.unet, pipe.text_encoder
@@ -71,7 +72,7 @@ def main() -> None:
     requests = plan_requests(0, syn.batch_size, 0, [f"c{i}" for i in range(10)], syn.prompt_template)
     gen = timed(lambda: generate_batch(pipe, requests, syn.num_inference_steps, syn.guidance_scale), 2)
     result = {
-        "config": args.config, "threads": args.threads,
+        "config": args.config, "overrides": args.overrides, "threads": args.threads,
         "params_M": {"vae": sum(p.numel() for p in vae.parameters()) / 1e6,
                      "unet": sum(p.numel() for p in unet.parameters()) / 1e6,
                      "text_encoder": sum(p.numel() for p in te.parameters()) / 1e6},

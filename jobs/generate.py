@@ -6,12 +6,10 @@ rerun; `--no-resume` starts over.
 """
 import _path  # noqa: F401
 
-from synthset.cli import main
+from synthset.cli import main, tracked_job
 from synthset.pipeline import print_json, validate_inputs
-from synthset.stages.common import init_ray
 from synthset.stages.foundation import foundation_dir, foundation_model_path
 from synthset.stages.synthesize import run_synthesis
-from synthset.tracking import Tracker
 
 
 def work(args, cfg):
@@ -19,9 +17,7 @@ def work(args, cfg):
     if cfg.foundation.path is None and not foundation_dir(cfg).is_complete():
         raise FileNotFoundError(f"foundation model {foundation_model_path(cfg)} not found for this config: "
                                 "run jobs/pretrain_foundation.py first, or set foundation.path")
-    init_ray(cfg)
-    tracker = Tracker(cfg)
-    with tracker.pipeline_run("generate"):
+    with tracked_job(cfg, "generate") as tracker:
         print_json(run_synthesis(cfg, foundation_model_path(cfg), class_names, not args.no_resume, tracker))
 
 

@@ -5,12 +5,10 @@ same config; writes a labelled copy of every shard (`<key>.soft.npy`) and its ma
 """
 import _path  # noqa: F401
 
-from synthset.cli import main
+from synthset.cli import main, tracked_job
 from synthset.pipeline import print_json, validate_inputs
 from synthset.stages.classifier import teacher_dir
-from synthset.stages.common import init_ray
 from synthset.stages.synthesize import run_label, synthesis_dir
-from synthset.tracking import Tracker
 
 
 def work(args, cfg):
@@ -19,9 +17,7 @@ def work(args, cfg):
     for name, stage in (("teacher", teacher), ("synthetic dataset", synthesis)):
         if not stage.is_complete():
             raise FileNotFoundError(f"{name} for this config not found at {stage.uri}: run its job first")
-    init_ray(cfg)
-    tracker = Tracker(cfg)
-    with tracker.pipeline_run("label"):
+    with tracked_job(cfg, "label") as tracker:
         print_json(run_label(cfg, synthesis.summary()["dataset"], teacher.summary()["model"],
                              not args.no_resume, tracker))
 

@@ -1,18 +1,14 @@
 """Pretrain (or reuse) the embedded foundation model: `python jobs/pretrain_foundation.py --config ...`."""
 import _path  # noqa: F401
 
-from synthset.cli import main
+from synthset.cli import main, tracked_job
 from synthset.pipeline import print_json, validate_inputs
-from synthset.stages.common import init_ray
 from synthset.stages.foundation import run_foundation
-from synthset.tracking import Tracker
 
 
 def work(args, cfg):
     validate_inputs(cfg)
-    init_ray(cfg)
-    tracker = Tracker(cfg)
-    with tracker.pipeline_run("pretrain_foundation"):
+    with tracked_job(cfg, "pretrain_foundation") as tracker:
         print_json(run_foundation(cfg, tracker))
 
 

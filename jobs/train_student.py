@@ -4,12 +4,10 @@ One Student per entry of ``student.labels`` (soft: Teacher distillation; hard: g
 """
 import _path  # noqa: F401
 
-from synthset.cli import main
+from synthset.cli import main, tracked_job
 from synthset.pipeline import print_json, validate_inputs
 from synthset.stages.classifier import run_student
-from synthset.stages.common import init_ray
 from synthset.stages.synthesize import label_dir
-from synthset.tracking import Tracker
 
 
 def work(args, cfg):
@@ -17,9 +15,7 @@ def work(args, cfg):
     labelled = label_dir(cfg)
     if not labelled.is_complete():
         raise FileNotFoundError(f"labelled dataset for this config not found at {labelled.uri}: run jobs/label.py first")
-    init_ray(cfg)
-    tracker = Tracker(cfg)
-    with tracker.pipeline_run("train_student"):
+    with tracked_job(cfg, "train_student") as tracker:
         for labels in cfg.student.labels:
             print_json(run_student(cfg, labelled.summary()["dataset"], labels, tracker))
 

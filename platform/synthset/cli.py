@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from typing import Callable
 
 from synthset.config import Config, load_config
@@ -39,3 +40,15 @@ def main(description: str, work: Callable[[argparse.Namespace, Config], object],
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+@contextmanager
+def tracked_job(cfg: Config, name: str):
+    """Start (or join) Ray and an MLflow parent run named after the job; yields the tracker."""
+    from synthset.stages.common import init_ray
+    from synthset.tracking import Tracker
+
+    init_ray(cfg)
+    tracker = Tracker(cfg)
+    with tracker.pipeline_run(name):
+        yield tracker
