@@ -42,6 +42,10 @@ def test_round_trip_and_manifest(tmp_path):
     assert manifest["totals_per_class"] == {"0": 9, "1": 8, "2": 8}
     for entry in manifest["shards"]:
         assert hashlib.sha256((tmp_path / entry["shard"]).read_bytes()).hexdigest() == entry["sha256"]
+    index = json.loads((tmp_path / "index.wids.json").read_text())
+    assert index["__kind__"] == "wids-shard-index-v1"
+    assert [(e["url"], e["nsamples"]) for e in index["shardlist"]] == [
+        ("shard-000000.tar", 10), ("shard-000001.tar", 10), ("shard-000002.tar", 5)]
     back = [s for p in shard_paths(str(tmp_path)) for s in iter_shard(p)]
     expected = make_samples(0, 10) + make_samples(10, 20) + make_samples(20, 25)
     assert [s["key"] for s in back] == [s["key"] for s in expected]

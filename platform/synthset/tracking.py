@@ -45,7 +45,8 @@ class Tracker:
         if self.enabled:
             import mlflow
 
-            os.makedirs(output_root(cfg), exist_ok=True) if "://" not in output_root(cfg) else None
+            if "://" not in output_root(cfg):
+                os.makedirs(output_root(cfg), exist_ok=True)  # the default SQLite store lives there
             mlflow.set_tracking_uri(self.uri)
             mlflow.set_experiment(cfg.tracking.experiment)
 

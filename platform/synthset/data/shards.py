@@ -3,8 +3,9 @@
 A dataset is a directory/URI holding ``shard-NNNNNN.tar`` files whose members are
 ``<key>.png`` (or ``.jpg``), ``<key>.cls`` (class index as text), ``<key>.json`` (request and
 provenance) and optionally ``<key>.soft.npy`` (Teacher probabilities); a ``_shards/`` folder
-with one stats file per complete shard (how resume knows what is done); and ``manifest.json``,
-written last, only when every planned shard is complete.
+with one stats file per complete shard (how resume knows what is done); ``index.wids.json``
+(shard list with sample counts, for random access); and ``manifest.json``, written last, only
+when every planned shard is complete.
 
 Shards are built in memory with fixed tar headers, so the same samples give the same bytes.
 """
@@ -25,6 +26,7 @@ from synthset import storage
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+WIDS_INDEX = "index.wids.json"
 
 
 def shard_name(index: int) -> str:
@@ -119,6 +121,10 @@ def write_manifest(dataset: str, meta: dict, shard_stats: list[dict]) -> dict:
                 "num_samples": sum(s["count"] for s in shard_stats),
                 "totals_per_class": {k: totals[k] for k in sorted(totals, key=int)},
                 "complete": True, "written_at": time.time()}
+    # A wids-style index (shard URLs relative to the index, sample counts) for random access.
+    storage.write_json(storage.join(dataset, WIDS_INDEX), {
+        "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": meta.get("method", "synthset"),
+        "shardlist": [{"url": s["shard"], "nsamples": s["count"]} for s in shard_stats]})
     storage.write_json(storage.join(dataset, MANIFEST), manifest)
     return manifest
 
