@@ -93,10 +93,17 @@ def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
             write_bytes(join(uri, *f.relative_to(local_dir).parts), f.read_bytes())
 
 
+def local_path(uri: str) -> str:
+    """The filesystem path of a local ``uri`` (a plain path or ``file://``); remote URIs raise."""
+    if not is_local(uri):
+        raise ValueError(f"{uri}: this stage needs a local or mounted path")
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
 def materialize(uri: str, cache_root: str | os.PathLike = "~/.cache/synthset/artifacts") -> str:
     """A local directory with the files under ``uri``: the path itself when local, else a cached copy."""
     if is_local(uri):
-        return uri[len("file://"):] if uri.startswith("file://") else uri
+        return local_path(uri)
     import hashlib
 
     target = Path(cache_root).expanduser() / hashlib.sha256(uri.encode()).hexdigest()[:16]

@@ -34,7 +34,7 @@ def _train_loop(config: dict) -> None:
     import ray.train
     from synthset import storage
     from synthset.data.shards import ShardDataset, read_manifest
-    from synthset.data.splits import fit_images, make_splits, to_unit_tensor
+    from synthset.data.splits import fit_images, make_splits, to_unit_tensor, write_splits
     from synthset.eval.classification import classification_report
     from synthset.eval.plots import save_confusion_matrix
     from synthset.models.classifiers import build_classifier, save_classifier
@@ -66,7 +66,8 @@ def _train_loop(config: dict) -> None:
                             image_size=size, channels=1)
         steps = (n_train // world + ccfg.batch_size - 1) // ccfg.batch_size
         if n_train <= ccfg.in_memory_limit:  # decode this rank's shards once, not every epoch
-            items = list(ShardDataset(config["dataset"], rank=rank, world_size=world, image_size=size, channels=1))
+            data.shuffle = False  # array_batches shuffles per epoch instead
+            items = list(data)
             xs = torch.stack([i[0] for i in items])
             ys = torch.tensor([i[1] for i in items])
             soft = torch.stack([i[2] for i in items])
@@ -89,6 +90,8 @@ def _train_loop(config: dict) -> None:
     model = getattr(model, "module", model)
     stage_uri, out = out, (out if storage.is_local(out) else tempfile.mkdtemp(prefix=f"{role}-"))
     save_classifier(model, out, ccfg, len(names), 1, {"role": role, "labels": labels})
+    if config["dataset"] is None:  # record exactly which real images the Teacher saw
+        write_splits(splits, os.path.join(out, "splits.json"))
     x_test = to_unit_tensor(fit_images(splits.test.images, size))
     probs = predict_proba(model, x_test)
     report = classification_report(splits.test.labels, probs, names)
@@ -106,16 +109,11 @@ def _train_loop(config: dict) -> None:
 def _run(cfg: Config, stage: StageDir, ccfg: ClassifierConfig, role: str, labels: str,
          dataset: str | None, temperature: float, tracker) -> dict:
     if stage.is_complete():
-        print(f"[{role}] reusing {stage.uri} (config hash {stage.hash})")
-        return {**stage.summary(), "reused": True}
+        return stage.reuse(stage.uri)
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     stage.begin(cfg)
-    if dataset is None:  # record exactly which real images the Teacher sees
-        from synthset.data.splits import make_splits
-
-        storage.write_json(stage.path("splits.json"), make_splits(cfg.data).record())
     out = stage.uri
     what = "the private split" if dataset is None else f"{dataset} ({labels} labels)"
     print(f"[{role}] training {ccfg.arch} for {ccfg.epochs} epochs on {what} with {ccfg.num_workers} worker(s)")

@@ -38,6 +38,11 @@ class StageDir:
     def summary(self) -> dict:
         return storage.read_json(self.path(SUCCESS))
 
+    def reuse(self, what: str) -> dict:
+        """Announce that ``what`` is reused and return the stored summary, marked ``reused``."""
+        print(f"[{self.stage}] reusing {what} (config hash {self.hash})")
+        return {**self.summary(), "reused": True}
+
     def begin(self, cfg: Config) -> None:
         storage.makedirs(self.uri)
         storage.write_bytes(self.path("config.yaml"), cfg.to_yaml().encode())
@@ -55,11 +60,6 @@ def output_root(cfg: Config) -> str:
     return root if "://" in root else os.path.abspath(os.path.expanduser(root))
 
 
-def local_path(uri: str) -> str:
-    """A local filesystem path for ``uri`` (stages that need one: model files, MLflow)."""
-    if not storage.is_local(uri):
-        raise ValueError(f"{uri}: this stage needs a local or mounted path")
-    return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
 def init_ray(cfg: Config) -> None:

@@ -16,7 +16,8 @@ import time
 import numpy as np
 
 from synthset.config import Config
-from synthset.stages.common import StageDir, local_path
+from synthset.stages.common import StageDir
+from synthset.storage import local_path
 
 
 def foundation_dir(cfg: Config) -> StageDir:
@@ -36,7 +37,7 @@ def _pretrain_loop(config: dict) -> None:
 
     import ray.train
     from synthset.config import Config
-    from synthset.data.splits import fit_images, make_splits, to_unit_tensor
+    from synthset.data.splits import fit_images, make_splits, to_unit_tensor, write_splits
     from synthset.diffusion.text_to_image import encode_latents, train_unet, train_vae
     from synthset.eval.plots import save_class_grid, save_curves
     from synthset.methods.class_prompt import generate_batch, plan_requests
@@ -48,6 +49,7 @@ def _pretrain_loop(config: dict) -> None:
     torch.set_num_threads(pre.num_cpus)
     device = "cuda" if pre.use_gpu and torch.cuda.is_available() else "cpu"
     splits = make_splits(cfg.data)
+    write_splits(splits, os.path.join(out, "splits.json"))  # which public images it saw
     public = splits.public
     if len(public) == 0:
         raise ValueError("data.splits.public is 0: the embedded foundation model needs public images to pretrain on")
@@ -90,16 +92,12 @@ def run_foundation(cfg: Config, tracker=None) -> dict:
     if cfg.foundation.path is not None:
         return {"stage": "foundation", "model": cfg.foundation.path, "pretrained": False}
     if stage.is_complete():
-        print(f"[foundation] reusing cached model {stage.path('model')} (config hash {stage.hash})")
-        return {**stage.summary(), "reused": True}
+        return stage.reuse(f"cached model {stage.path('model')}")
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     stage.begin(cfg)
     out = local_path(stage.uri)
-    from synthset.data.splits import make_splits, write_splits
-
-    write_splits(make_splits(cfg.data), os.path.join(out, "splits.json"))  # which public images it saw
     pre = cfg.foundation.pretrain
     print(f"[foundation] pretraining on {cfg.data.splits.public} public images: "
           f"{pre.vae_steps} VAE steps, {pre.unet_steps} UNet steps → {out}")

@@ -112,8 +112,7 @@ def run_synthesis(cfg: Config, model_path: str, class_names: list[str], resume: 
     """Generate the planned images into ``<synthesis dir>/data`` and return the stage summary."""
     stage = synthesis_dir(cfg)
     if resume and stage.is_complete():
-        print(f"[synthesis] reusing {stage.path('data')} (config hash {stage.hash})")
-        return {**stage.summary(), "reused": True}
+        return stage.reuse(stage.path("data"))
     syn = cfg.synthesis
     total = syn.images_per_class * len(class_names)
     dataset = stage.path("data")
@@ -183,8 +182,7 @@ def run_label(cfg: Config, source: str, teacher_path: str, resume: bool = True, 
     """Write a labelled copy of the synthetic dataset ``source`` with Teacher soft labels."""
     stage = label_dir(cfg)
     if resume and stage.is_complete():
-        print(f"[label] reusing {stage.path('data')} (config hash {stage.hash})")
-        return {**stage.summary(), "reused": True}
+        return stage.reuse(stage.path("data"))
     src = read_manifest(source)
     dataset = stage.path("data")
     stage.begin(cfg)
