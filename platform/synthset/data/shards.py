@@ -116,7 +116,8 @@ def write_manifest(dataset: str, meta: dict, shard_stats: list[dict]) -> dict:
         for c, n in s["per_class"].items():
             totals[c] = totals.get(c, 0) + n
     manifest = {"schema_version": SCHEMA_VERSION, **meta,
-                "shards": [{k: s[k] for k in ("shard", "count", "sha256", "bytes", "first_key", "last_key", "seconds")
+                "shards": [{k: s[k] for k in ("shard", "count", "sha256", "bytes", "first_key", "last_key",
+                                                      "seconds", "model_seconds")
                             if k in s} for s in shard_stats],
                 "num_samples": sum(s["count"] for s in shard_stats),
                 "totals_per_class": {k: totals[k] for k in sorted(totals, key=int)},

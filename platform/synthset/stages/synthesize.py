@@ -38,11 +38,33 @@ def _torch_setup(num_cpus: float, num_gpus: float, dtype: str = "float32"):
     return device, {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def _actor_stats() -> dict:
+    """Which process did the work and its peak memory so far (for the memory-at-scale benchmark)."""
+    import os
+    import resource
+
+    return {"pid": os.getpid(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _encode_all(images: np.ndarray, fmt: str) -> list[bytes]:
+    from synthset.data.shards import encode_image
+
+    return [encode_image(image, fmt) for image in images]
+
+
 class ShardGenerator:
-    """Ray Data actor: loads the foundation pipeline once, turns shard rows into written shards."""
+    """Ray Data actor: loads the foundation pipeline once, turns shard rows into written shards.
+
+    Images are encoded (PNG/JPEG) on a background thread while the model generates the next
+    batch, so encoding stays off the model's critical path (it matters at 512 px on a GPU).
+    """
 
     def __init__(self, model_path: str, synthesis: dict, class_names: list[str], run_seed: int,
                  dataset: str, generator_id: str):
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
         from synthset.config import SynthesisConfig
         from synthset.models.foundation import load_foundation
 
@@ -50,7 +72,10 @@ class ShardGenerator:
         device, dtype = _torch_setup(self.cfg.actors.num_cpus, self.cfg.actors.num_gpus, self.cfg.dtype)
         # Half precision only on GPU; on CPU it is slower (bf16) or unsupported (fp16).
         self.pipe = load_foundation(model_path, device=device, dtype=dtype if device == "cuda" else None)
+        if self.cfg.compile:
+            self.pipe.unet = torch.compile(self.pipe.unet)
         self.class_names, self.run_seed, self.dataset, self.generator_id = class_names, run_seed, dataset, generator_id
+        self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
 
     def __call__(self, batch: dict) -> dict:
         from synthset.methods.class_prompt import generate_batch, plan_requests
@@ -59,17 +84,22 @@ class ShardGenerator:
         for shard, start, stop in zip(batch["shard"], batch["start"], batch["stop"]):
             t0 = time.time()
             requests = plan_requests(int(start), int(stop), self.run_seed, self.class_names, self.cfg.prompt_template)
-            samples = []
+            encoded, model_seconds = [], 0.0
             for i in range(0, len(requests), self.cfg.batch_size):
                 chunk = requests[i:i + self.cfg.batch_size]
+                t = time.time()
                 images = generate_batch(self.pipe, chunk, self.cfg.num_inference_steps, self.cfg.guidance_scale,
                                         self.cfg.resolution, self.cfg.resolution)
-                for r, image in zip(chunk, images):
+                model_seconds += time.time() - t
+                encoded.append((chunk, self.encoder.submit(_encode_all, images, self.cfg.image_format)))
+            samples = []
+            for chunk, future in encoded:
+                for r, image_bytes in zip(chunk, future.result()):
                     meta = {**r, "generator": self.generator_id, "guidance_scale": self.cfg.guidance_scale,
                             "num_inference_steps": self.cfg.num_inference_steps}
-                    samples.append({"key": r["key"], "image": image, "cls": r["class_id"], "meta": meta})
+                    samples.append({"key": r["key"], "image_bytes": image_bytes, "cls": r["class_id"], "meta": meta})
             stats = write_shard(self.dataset, int(shard), samples, self.cfg.image_format,
-                                {"seconds": time.time() - t0})
+                                {"seconds": time.time() - t0, "model_seconds": model_seconds, **_actor_stats()})
             out["index"].append(int(shard))
             out["stats"].append(stats)
         return out
@@ -85,7 +115,10 @@ def _run_shard_pool(tasks: list[dict], actor_cls, actor_kwargs: dict, actors: Ac
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(actor_cls, fn_constructor_kwargs=actor_kwargs, batch_size=1, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(min_size=actors.min, max_size=actors.max),
-                        num_cpus=actors.num_cpus, num_gpus=actors.num_gpus or None)
+                        num_cpus=actors.num_cpus, num_gpus=actors.num_gpus or None,
+                        # A dead actor is recreated and its shard redone on the replacement:
+                        # shards are deterministic and written atomically, so a retry is harmless.
+                        max_restarts=actors.max_restarts, max_task_retries=actors.max_task_retries)
     progress = Progress(name, images_total, "images", every=5.0)
     progress.done = images_done
     results = []
@@ -137,7 +170,10 @@ def run_synthesis(cfg: Config, model_path: str, class_names: list[str], resume: 
     if manifest["num_samples"] != total:
         raise RuntimeError(f"synthesis: {manifest['num_samples']} samples written, {total} planned")
     summary = stage.complete({"dataset": dataset, "num_samples": total, "generated_now": generated,
-                              "seconds": seconds, "images_per_s": generated / seconds if seconds > 0 else 0.0})
+                              "seconds": seconds, "images_per_s": generated / seconds if seconds > 0 else 0.0,
+                              "driver_peak_rss_mb": _actor_stats()["peak_rss_mb"],
+                              "actor_peak_rss_mb": max((s.get("peak_rss_mb", 0.0) for s in new), default=0.0),
+                              "actors_used": len({s.get("pid") for s in new})})
     print(f"[synthesis] {generated} images generated in {seconds:.0f}s "
           f"({summary['images_per_s']:.1f} images/s) → {dataset}")
     return summary
@@ -172,7 +208,7 @@ class ShardLabeller:
                 s["soft"] = p
                 agree[str(s["cls"])] = agree.get(str(s["cls"]), 0) + int(p.argmax() == s["cls"])
             stats = write_shard(self.dataset, int(shard), samples, self.image_format,
-                                {"seconds": time.time() - t0, "teacher_agrees": agree})
+                                {"seconds": time.time() - t0, "teacher_agrees": agree, **_actor_stats()})
             out["index"].append(int(shard))
             out["stats"].append(stats)
         return out
