@@ -46,3 +46,31 @@ def test_classifier_free_guidance_changes_the_output(tiny_pipeline_dir):
 def test_missing_model_path_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="foundation.path"):
         load_foundation(str(tmp_path / "nope"))
+
+
+def test_pretraining_with_caption_prompts_is_seeded(tiny_pipeline_dir):
+    from diffusers import DDPMScheduler
+
+    from synthset.diffusion.text_to_image import caption_prompts, train_unet
+
+    labels = np.arange(8) % len(NAMES)
+    latents = torch.randn((8, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    prompts = [f"a photo of a {NAMES[c]}" for c in labels]
+    captioned = caption_prompts(labels, NAMES, ["a small wide dark smooth item"] * 4 + ["a large square bright patterned item"] * 4,
+                                "{class}: {caption}")
+
+    pipe = load_foundation(str(tiny_pipeline_dir))
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    start = {m: {k: v.clone() for k, v in m.state_dict().items()} for m in (pipe.unet, pipe.text_encoder)}
+
+    def losses(probability, captions=captioned):
+        for module, state in start.items():
+            module.load_state_dict(state)
+        return train_unet(pipe.unet, pipe.text_encoder, pipe.tokenizer, sched, latents, prompts, 2, 4, 1e-3, 0.1, 0,
+                          ema_decay=None, captioned_prompts=captions, caption_probability=probability)
+
+    mixed = losses(0.5)
+    assert mixed == losses(0.5)
+    assert mixed != losses(0.0)  # caption prompts are what some steps see
+    with pytest.raises(ValueError, match="3 caption prompts for 8 images"):
+        train_unet(None, None, None, None, latents, prompts, 1, 4, 1e-3, 0.1, 0, captioned_prompts=captioned[:3])

@@ -46,3 +46,55 @@ def test_fit_images_pads_small_differences_and_resizes_large_ones():
     padded = fit_images(imgs, 32)
     assert padded.shape == (2, 32, 32) and padded[:, :2].max() == 0 and padded[:, 2:30, 2:30].min() == 200
     assert fit_images(np.zeros((1, 8, 8), np.uint8), 32).shape == (1, 32, 32)
+
+
+def test_public_shift_changes_public_images_only():
+    from synthset.data.sources import load_digits_fixture
+
+    train, _ = load_digits_fixture()
+    plain = make_splits(DataConfig(source="digits", public_shift="none", splits={"public": 600, "private": 400}))
+    inverted = make_splits(DataConfig(source="digits", public_shift="invert", splits={"public": 600, "private": 400}))
+    np.testing.assert_array_equal(plain.public_index, inverted.public_index)
+    np.testing.assert_array_equal(inverted.public.images, 255 - train.images[inverted.public_index])
+    np.testing.assert_array_equal(inverted.public_unshifted.images, train.images[inverted.public_index])
+    np.testing.assert_array_equal(inverted.private.images, train.images[inverted.private_index])
+    np.testing.assert_array_equal(inverted.private.images, plain.private.images)
+    np.testing.assert_array_equal(inverted.test.images, plain.test.images)
+    assert inverted.record()["public_shift"] == "invert"
+
+
+def test_shift_images_kinds():
+    from synthset.data.splits import SHRINK_SCALE, shift_images
+
+    imgs = np.zeros((3, 28, 28), np.uint8)
+    imgs[:, 2:26, 4:24] = 200
+    imgs[:, 2:6] = 255  # a bright top edge, to see flips
+    shrunk = shift_images(imgs, "shrink")
+    rows = np.flatnonzero(shrunk[0].max(axis=1) > 30)
+    assert shrunk.shape == imgs.shape and shrunk.dtype == np.uint8
+    assert abs(len(rows) - SHRINK_SCALE * 24) <= 1.5 and rows[0] > 2 and rows[-1] < 25
+    light = np.full((1, 20, 20, 3), 255, np.uint8)
+    light[:, 5:15, 5:15] = 0
+    assert (shift_images(light, "shrink")[0, 0] == 255).all()  # filled with the image's own background
+    flipped = shift_images(imgs, "flip")
+    assert flipped[0, 22:26].min() == 255 and flipped[0, 2:6].max() == 200
+    blurred = shift_images(imgs, "blur")
+    assert 0 < blurred[0, 1, 10] < 200 and blurred[0, 14, 14] == 200
+    assert shift_images(imgs, "none") is imgs
+    np.testing.assert_array_equal(shift_images(imgs, "invert"), 255 - imgs)
+    with pytest.raises(ValueError, match="data.public_shift"):
+        shift_images(imgs, "rotate")
+
+
+def test_public_classes_hold_classes_out_of_the_public_split_only():
+    cfg = DataConfig(source="digits", public_shift="none", public_classes=["zero", "one", "two"],
+                     splits={"public": 600, "private": 400})
+    splits = make_splits(cfg)
+    full = make_splits(DataConfig(source="digits", public_shift="none", splits={"public": 600, "private": 400}))
+    assert set(np.unique(splits.public.labels)) == {0, 1, 2} and 0 < len(splits.public) < 600
+    assert set(splits.public_index) <= set(full.public_index)
+    np.testing.assert_array_equal(splits.private_index, full.private_index)
+    assert len(np.unique(splits.private.labels)) == 10
+    assert splits.record()["public_classes"] == ["zero", "one", "two"]
+    with pytest.raises(ValueError, match=r"data.public_classes: unknown class\(es\) \['cat'\]"):
+        make_splits(DataConfig(source="digits", public_classes=["cat"], splits={"public": 60, "private": 400}))

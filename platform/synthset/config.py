@@ -27,6 +27,16 @@ def _require_class_placeholder(v: str) -> str:
 PromptTemplate = Annotated[str, AfterValidator(_require_class_placeholder)]
 
 
+def _require_caption_placeholders(v: str) -> str:
+    if "{class}" not in v or "{caption}" not in v:
+        raise ValueError("must contain '{class}' and '{caption}'")
+    return v
+
+
+# A prompt with ``{class}`` and ``{caption}`` placeholders, e.g. TCKR's "{class}: {caption}".
+CaptionTemplate = Annotated[str, AfterValidator(_require_caption_placeholders)]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -57,12 +67,37 @@ class SplitsConfig(Section):
     seed: int = Field(0, ge=0)
 
 
+class CaptionConfig(Section):
+    """Captions of the real images (TCKR / CaptionPrompt prompts ``"{class}: {caption}"``)."""
+
+    captioner: str = Field("properties", min_length=1, description='"properties": the embedded captioner, '
+                           "which words measured brightness, size, aspect and texture; otherwise a transformers "
+                           "image-to-text model (BLIP-2 in production) by hub id or local directory.")
+    prompt: str | None = Field(None, description="Text the model continues (e.g. 'a photo of'); None: image only.")
+    max_new_tokens: int = Field(20, ge=1, le=512)
+    batch_size: int = Field(256, ge=1, description="Images per model call.")
+    part_size: int = Field(2000, ge=1, description="Images per resumable output part.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="Model dtype on GPU (CPU: float32).")
+    actors: "ActorsConfig" = Field(default_factory=lambda: ActorsConfig())
+
+
+PUBLIC_SHIFTS = ("none", "shrink", "blur", "flip", "invert")
+
+
 class DataConfig(Section):
     source: Literal["fashion_mnist", "digits"] = "fashion_mnist"
     root: str | None = Field(None, description="Directory holding the four IDX files (.gz or raw).")
     download: bool = Field(True, description="Fall back to the official download when no local copy exists.")
     image_size: int = Field(32, ge=8, le=1024, description="Images are zero-padded/resized to this square size.")
     splits: SplitsConfig = SplitsConfig()
+    public_shift: Literal[PUBLIC_SHIFTS] = Field(
+        "shrink", description="How the public split (the foundation model's pretraining data) differs from the "
+        "private and test data, so that adapting to the private data has something to learn (data/splits.py: "
+        "shrink = items scaled to 70% of their size, blur = Gaussian blur of radius 1 px, flip = upside down, "
+        "invert = negative; none = the same distribution).")
+    public_classes: list[str] | None = Field(
+        None, description="Class names the public split keeps (None: all); the others are new to the foundation model.")
+    caption: CaptionConfig = Field(default_factory=lambda: CaptionConfig())
 
 
 class FoundationArch(Section):
@@ -104,6 +139,13 @@ class PretrainConfig(Section):
     min_snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR-γ loss weighting; null for plain MSE.")
     ema_decay: float | None = Field(0.999, gt=0, lt=1, description="EMA of UNet/text-encoder weights; null to disable.")
     prompt_template: PromptTemplate = "a photo of a {class}"
+    caption_template: CaptionTemplate = "{class}: {caption}"
+    caption_probability: float = Field(0.5, ge=0, le=1, description="Probability that a pretraining image is "
+                                       "prompted with caption_template (its data.caption caption) instead of "
+                                       "prompt_template; drawn per image, seeded by seed.")
+    vae_unshifted: bool = Field(True, description="Train the VAE on the public images both with and without "
+                                "data.public_shift (a general-purpose autoencoder, like Stable Diffusion's); the UNet "
+                                "and text encoder only see the shifted ones.")
     num_cpus: int = Field(2, ge=1)
     use_gpu: bool = False
 
@@ -130,9 +172,40 @@ class ActorsConfig(Section):
         return self
 
 
+class FusionConfig(Section):
+    """LoFT's fusion of per-image LoRAs (Eq. 4): which LoRAs mix and with what weights."""
+
+    mode: Literal["pair", "triple", "single"] = Field("pair", description="pair: λΔW_i + (1−λ)ΔW_j (LoFT); "
+                                                      "triple: three LoRAs; single: one LoRA at weight 1 (λ = 1)")
+    lam: float = Field(0.5, ge=0, le=1, description="λ for mode=pair when beta_alpha is null")
+    beta_alpha: float | None = Field(None, gt=0, description="Draw λ ~ Beta(α, α) per image "
+                                     "(triple: Dirichlet(α, α, α)); null: fixed lam")
+
+
+class AdaptConfig(Section):
+    """LoRA adaptation of the foundation UNet to the private split (TCKR, DataDream, LoFT)."""
+
+    shots_per_class: int | None = Field(16, ge=1, description="Real images per class the LoRAs see (seeded "
+                                        "choice from the private split); null: all of them")
+    rank: int | None = Field(None, ge=1, le=256, description="LoRA rank; null: the method's own "
+                             "(TCKR 4, DataDream 16, LoFT 2)")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; null: equal to the rank")
+    steps: int = Field(300, ge=1, description="Optimiser steps per LoRA")
+    lr: float | None = Field(None, gt=0, le=1, description="AdamW learning rate (cosine); null: the method's own")
+    batch_per_lora: int = Field(4, ge=1, description="Samples per LoRA per step")
+    loras_per_bank: int = Field(16, ge=1, description="LoRAs trained together in one batched forward (LoFT)")
+    min_snr_gamma: float | None = Field(5.0, gt=0)
+    seed: int = Field(0, ge=0)
+    workers: int = Field(1, ge=1, description="Banks trained in parallel (Ray tasks; TCKR: Ray Train workers)")
+    cpus_per_worker: int = Field(1, ge=1)
+    use_gpu: bool = False
+
+
 class SynthesisConfig(Section):
-    method: Literal["class_prompt"] = "class_prompt"
+    method: Literal["class_prompt", "caption_prompt", "tckr", "datadream", "loft"] = "class_prompt"
     prompt_template: PromptTemplate = "a photo of a {class}"
+    caption_template: CaptionTemplate = Field("{class}: {caption}", description="Prompt of caption_prompt and tckr")
+    fusion: FusionConfig = FusionConfig()
     images_per_class: int = Field(1000, ge=1)
     guidance_scale: float = Field(3.0, ge=0, le=50)
     num_inference_steps: int = Field(10, ge=1, le=1000)
@@ -180,6 +253,7 @@ class Config(Section):
     data: DataConfig = DataConfig()
     foundation: FoundationConfig = FoundationConfig()
     synthesis: SynthesisConfig = SynthesisConfig()
+    adapt: AdaptConfig = AdaptConfig()
     teacher: ClassifierConfig = ClassifierConfig()
     label: LabelConfig = LabelConfig()
     student: StudentConfig = StudentConfig()
@@ -202,17 +276,32 @@ class Config(Section):
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "foundation": ("data", "foundation"),
     "teacher": ("data", "teacher"),
-    "synthesis": ("data", "foundation", "synthesis", "run.seed"),
-    "label": ("data", "foundation", "synthesis", "run.seed", "teacher", "label"),
-    "student": ("data", "foundation", "synthesis", "run.seed", "teacher", "label", "student"),
+    "caption": ("data",),
+    "adapt": ("data", "foundation", "adapt", "synthesis.method", "synthesis.prompt_template",
+              "synthesis.caption_template"),
+    "synthesis": ("data", "foundation", "adapt", "synthesis", "run.seed"),
+    "label": ("data", "foundation", "adapt", "synthesis", "run.seed", "teacher", "label"),
+    "student": ("data", "foundation", "adapt", "synthesis", "run.seed", "teacher", "label", "student"),
 }
+# Settings that only some methods read; left out of the hashes of the others.
+_METHOD_ONLY = {"adapt": ("tckr", "datadream", "loft"), "synthesis.fusion": ("loft",),
+                "synthesis.caption_template": ("caption_prompt", "tckr")}
 
 
 # How work is executed, not what it produces: left out of stage hashes, so a rerun with more
 # actors resumes the same dataset instead of starting a new one. The synthesis batch size stays
 # in: on CPU, a different batch size can change a pixel by one grey level (tests/test_synthesis_resume.py).
 EXECUTION_ONLY = ("synthesis.actors", "label.batch_size", "label.actors",
-                  "teacher.in_memory_limit", "student.in_memory_limit")
+                  "teacher.in_memory_limit", "student.in_memory_limit",
+                  "data.caption.actors", "data.caption.batch_size", "data.caption.part_size")
+
+
+def _has(d: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return False
+        d = d[part]
+    return True
 
 
 def _dig(d: dict, dotted: str):
@@ -232,10 +321,11 @@ def stage_hash(cfg: Config, stage: str, extra: Any = None) -> str:
     d = cfg.to_dict()
     if cfg.foundation.path is not None:  # a given model: its architecture/pretraining don't matter
         d["foundation"] = {"path": cfg.foundation.path}
-    for dotted in EXECUTION_ONLY:
-        section, key = dotted.split(".")
-        d[section].pop(key, None)
-    parts = {key: _dig(d, key) for key in STAGE_INPUTS[stage]}
+    drop = list(EXECUTION_ONLY) + [k for k, methods in _METHOD_ONLY.items() if cfg.synthesis.method not in methods]
+    for dotted in drop:
+        *parents, key = dotted.split(".")
+        (_dig(d, ".".join(parents)) if parents else d).pop(key, None)
+    parts = {key: _dig(d, key) for key in STAGE_INPUTS[stage] if _has(d, key)}
     return config_hash({"stage": stage, "inputs": parts, "extra": extra})
 
 

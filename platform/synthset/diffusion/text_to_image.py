@@ -3,7 +3,9 @@
 ``train_vae`` fits the autoencoder (reconstruction + a small KL term); ``encode_latents`` maps
 images to scaled latents once; ``train_unet`` fits the UNet (and the text encoder) to predict the
 noise of DDPM-noised latents given the prompt, with prompt dropout so classifier-free guidance
-works at sampling time (Ho & Salimans 2022). No Ray here: ``stages/foundation.py`` wraps these.
+works at sampling time (Ho & Salimans 2022). Each image can have two prompts, a class prompt and a
+caption prompt (TCKR's ``"{class}: {caption}"``); every step draws which one it is shown, so the
+model learns both. No Ray here: ``stages/foundation.py`` wraps these.
 """
 
 from __future__ import annotations
@@ -98,17 +100,45 @@ class EMA:
             p.copy_(s)
 
 
+def caption_prompts(labels, class_names: list[str], captions: list[str], template: str) -> list[str]:
+    """``template`` (e.g. TCKR's ``"{class}: {caption}"``) filled with each image's class name and caption."""
+    if len(captions) != len(labels):
+        raise ValueError(f"{len(captions)} captions for {len(labels)} images")
+    return [template.format(**{"class": class_names[int(c)], "caption": cap}) for c, cap in zip(labels, captions)]
+
+
+def choose_prompts(idx: torch.Tensor, prompt_ids: torch.Tensor, caption_ids: torch.Tensor | None,
+                   caption_probability: float, prompt_dropout: float, empty_id: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Prompt ids for the images ``idx`` of one training batch.
+
+    Each image is shown its caption prompt with probability ``caption_probability`` (when it has
+    one), else its class prompt; then, with probability ``prompt_dropout``, the empty prompt
+    (classifier-free guidance's unconditional branch). Drawn from ``generator``: deterministic.
+    """
+    p = prompt_ids[idx]
+    if caption_ids is not None:
+        use_caption = torch.rand(len(idx), generator=generator) < caption_probability
+        p = torch.where(use_caption, caption_ids[idx], p)
+    drop = torch.rand(len(idx), generator=generator) < prompt_dropout
+    return torch.where(drop, torch.full_like(p, empty_id), p)
+
+
 def train_unet(unet, text_encoder, tokenizer, noise_scheduler, latents: torch.Tensor, prompts: list[str],
                steps: int, batch_size: int, lr: float, prompt_dropout: float, seed: int,
                train_text_encoder: bool = True, min_snr_gamma: float | None = 5.0, ema_decay: float | None = 0.999,
-               progress_every: float = 10.0) -> list[float]:
-    """Denoising score matching on scaled ``latents`` (N×C×h×w) with one prompt per latent.
+               progress_every: float = 10.0, captioned_prompts: list[str] | None = None,
+               caption_probability: float = 0.0) -> list[float]:
+    """Denoising score matching on scaled ``latents`` (N×C×h×w) with one or two prompts per latent.
 
-    ``prompts[i]`` conditions ``latents[i]``; with probability ``prompt_dropout`` it is replaced
-    by the empty prompt, which is what guidance uses as its unconditional branch. Min-SNR-γ loss
-    weighting and an EMA of the weights (copied into the models at the end) make short training
-    runs converge to much better samples.
+    ``prompts[i]`` conditions ``latents[i]``, or, with probability ``caption_probability`` per
+    step, ``captioned_prompts[i]`` (see ``choose_prompts``); with probability ``prompt_dropout``
+    either is replaced by the empty prompt, which is what guidance uses as its unconditional
+    branch. Min-SNR-γ loss weighting and an EMA of the weights (copied into the models at the
+    end) make short training runs converge to much better samples.
     """
+    if captioned_prompts is not None and len(captioned_prompts) != len(prompts):
+        raise ValueError(f"{len(captioned_prompts)} caption prompts for {len(prompts)} images")
     g = torch.Generator().manual_seed(seed)
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -117,19 +147,19 @@ def train_unet(unet, text_encoder, tokenizer, noise_scheduler, latents: torch.Te
     text_encoder.train(train_text_encoder)
     text_encoder.requires_grad_(train_text_encoder)
     ema = EMA(params, ema_decay) if ema_decay else None
-    # Unique prompts are few (class prompts, captions): tokenize each once.
-    vocab = sorted(set(prompts) | {""})
-    prompt_index = torch.tensor([vocab.index(p) for p in prompts]) if len(vocab) < 5000 else None
+    # Unique prompts are few (class prompts, property captions): tokenize each once.
+    vocab = sorted(set(prompts) | set(captioned_prompts or []) | {""})
+    position = {p: i for i, p in enumerate(vocab)}
+    prompt_index = torch.tensor([position[p] for p in prompts])
+    caption_index = torch.tensor([position[p] for p in captioned_prompts]) if captioned_prompts is not None else None
     ids_all = tokenizer(vocab, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
-    empty = vocab.index("")
+    empty = position[""]
     n_t = noise_scheduler.config.num_train_timesteps
     losses, progress = [], Progress("unet", steps, "steps", every=progress_every)
     for idx in _batches(len(latents), min(batch_size, len(latents)), steps, g):
         x0 = latents[idx]
-        p = prompt_index[idx] if prompt_index is not None else torch.tensor([vocab.index(prompts[i]) for i in idx])
-        drop = torch.rand(len(idx), generator=g) < prompt_dropout
-        p = torch.where(drop, torch.full_like(p, empty), p)
+        p = choose_prompts(idx, prompt_index, caption_index, caption_probability, prompt_dropout, empty, g)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, n_t, (len(idx),), generator=g)
         xt = noise_scheduler.add_noise(x0, noise, t)

@@ -2,9 +2,15 @@
 
 With ``foundation.path`` set (SD 2.1 by hub id or a local directory) there is nothing to
 pretrain: the stage only records which model later stages load. Otherwise one Ray Train worker
-trains the VAE, then the UNet and text encoder on class prompts with prompt dropout, and saves
-the pipeline with ``save_pretrained`` (safetensors) plus loss curves and a sample grid.
-Cached by the hash of ``data`` + ``foundation``.
+captions the public images with ``data.caption.captioner``, trains the VAE, then the UNet and
+text encoder on prompts that are, per step and image, the class prompt ("a photo of a {class}")
+or, with probability ``pretrain.caption_probability``, the caption prompt ("{class}: {caption}"),
+with prompt dropout; so ClassPrompt, CaptionPrompt and TCKR prompts all mean something to it.
+The public images carry ``data.public_shift`` (and only ``data.public_classes``), so the private
+data is new to the model and adaptation has something to learn (``data/splits.py``). It saves the
+pipeline with ``save_pretrained`` (safetensors) plus the public captions, loss curves and sample
+grids (class prompts, and caption prompts of real public captions). Cached by the hash of
+``data`` + ``foundation``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,12 @@ def foundation_model_path(cfg: Config) -> str:
     return cfg.foundation.path or local_path(foundation_dir(cfg).path("model"))
 
 
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 def _pretrain_loop(config: dict) -> None:
     """Runs inside the Ray Train worker."""
     import torch
@@ -40,8 +52,11 @@ def _pretrain_loop(config: dict) -> None:
     from synthset.data.splits import fit_images, make_splits, to_unit_tensor, write_splits
     from synthset.diffusion.text_to_image import encode_latents, train_unet, train_vae
     from synthset.eval.plots import save_class_grid, save_curves
+    from synthset.diffusion.text_to_image import caption_prompts
     from synthset.methods.class_prompt import generate_batch, plan_requests
+    from synthset.models.captioners import caption_images, load_captioner
     from synthset.models.foundation import build_foundation
+    from synthset.stages.caption import write_captions
 
     cfg = Config.model_validate(config["cfg"])
     out = config["out"]
@@ -53,10 +68,22 @@ def _pretrain_loop(config: dict) -> None:
     public = splits.public
     if len(public) == 0:
         raise ValueError("data.splits.public is 0: the embedded foundation model needs public images to pretrain on")
+    cap = cfg.data.caption
+    t0 = time.time()
+    captioner = load_captioner(cap.captioner, device, _dtype(cap.dtype) if device == "cuda" else None,
+                               cap.max_new_tokens, cap.prompt)
+    captions = caption_images(captioner, public.images, cap.batch_size)  # of the (shifted) images it trains on
+    del captioner
+    write_captions(os.path.join(out, "public_captions.jsonl"), public, splits.public_index, captions)
+    caption_seconds = time.time() - t0
     x = to_unit_tensor(fit_images(public.images, arch.image_size)).to(device)
+    vae_x = x
+    if pre.vae_unshifted and splits.public_shift != "none":
+        vae_x = torch.cat([x, to_unit_tensor(fit_images(splits.public_unshifted.images, arch.image_size)).to(device)])
     pipe = build_foundation(arch, seed=pre.seed).to(device)
     t0 = time.time()
-    vae_losses = train_vae(pipe.vae, x, pre.vae_steps, pre.vae_batch_size, pre.vae_lr, pre.vae_kl_weight, pre.seed)
+    vae_losses = train_vae(pipe.vae, vae_x, pre.vae_steps, pre.vae_batch_size, pre.vae_lr, pre.vae_kl_weight, pre.seed)
+    del vae_x
     latents = encode_latents(pipe.vae, x)
     scaling = float(1.0 / latents.std())
     pipe.vae.register_to_config(scaling_factor=scaling)
@@ -65,11 +92,13 @@ def _pretrain_loop(config: dict) -> None:
         recon_mse = float(F.mse_loss(recon, x[:512]))
     vae_seconds = time.time() - t0
     prompts = [pre.prompt_template.format(**{"class": public.class_names[c]}) for c in public.labels]
+    captioned = caption_prompts(public.labels, public.class_names, captions, pre.caption_template)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     t0 = time.time()
     unet_losses = train_unet(pipe.unet, pipe.text_encoder, pipe.tokenizer, noise_scheduler, latents * scaling,
                              prompts, pre.unet_steps, pre.batch_size, pre.lr, pre.prompt_dropout, pre.seed + 1,
-                             min_snr_gamma=pre.min_snr_gamma, ema_decay=pre.ema_decay)
+                             min_snr_gamma=pre.min_snr_gamma, ema_decay=pre.ema_decay,
+                             captioned_prompts=captioned, caption_probability=pre.caption_probability)
     unet_seconds = time.time() - t0
     pipe.save_pretrained(os.path.join(out, "model"), safe_serialization=True)
     save_curves({"vae": vae_losses}, os.path.join(out, "vae_loss.png"), "VAE loss")
@@ -78,12 +107,21 @@ def _pretrain_loop(config: dict) -> None:
     requests = plan_requests(0, 10 * len(names), 12345, names, pre.prompt_template)
     images = generate_batch(pipe, requests, cfg.synthesis.num_inference_steps, cfg.synthesis.guidance_scale)
     save_class_grid(images, np.array([r["class_id"] for r in requests]), names, os.path.join(out, "samples.png"))
+    # The same requests prompted with real public captions of their class ("{class}: {caption}").
+    by_class = {c: [captioned[i] for i in np.flatnonzero(public.labels == c)[:10]] for c in range(len(names))}
+    requests = [{**r, "prompt": by_class[r["class_id"]][(r["index"] // len(names)) % len(by_class[r["class_id"]])]}
+                for r in requests if by_class[r["class_id"]]]
+    images = generate_batch(pipe, requests, cfg.synthesis.num_inference_steps, cfg.synthesis.guidance_scale)
+    save_class_grid(images, np.array([r["class_id"] for r in requests]), names,
+                    os.path.join(out, "caption_samples.png"))
     metrics = {"vae_recon_mse": recon_mse, "vae_seconds": vae_seconds, "unet_seconds": unet_seconds,
                "vae_final_loss": float(np.mean(vae_losses[-20:])), "unet_final_loss": float(np.mean(unet_losses[-50:])),
-               "scaling_factor": scaling, "public_images": len(public)}
+               "scaling_factor": scaling, "public_images": len(public), "caption_seconds": caption_seconds,
+               "public_distinct_captions": len(set(captions)), "public_shift": splits.public_shift,
+               "public_classes": sorted({names[c] for c in np.unique(public.labels)}, key=names.index)}
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    ray.train.report(metrics)
+    ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
 
 def run_foundation(cfg: Config, tracker=None) -> dict:
@@ -99,7 +137,8 @@ def run_foundation(cfg: Config, tracker=None) -> dict:
     stage.begin(cfg)
     out = local_path(stage.uri)
     pre = cfg.foundation.pretrain
-    print(f"[foundation] pretraining on {cfg.data.splits.public} public images: "
+    print(f"[foundation] pretraining on {cfg.data.splits.public} public images (shift {cfg.data.public_shift!r}, "
+          f"captions by {cfg.data.caption.captioner!r}, caption prompts {pre.caption_probability:.0%}): "
           f"{pre.vae_steps} VAE steps, {pre.unet_steps} UNet steps → {out}")
     t0 = time.time()
     trainer = TorchTrainer(
@@ -114,5 +153,6 @@ def run_foundation(cfg: Config, tracker=None) -> dict:
     summary = stage.complete({"model": os.path.join(out, "model"), "seconds": time.time() - t0, **metrics})
     if tracker is not None:
         tracker.log_stage("foundation", cfg, metrics={k: v for k, v in metrics.items()},
-                          artifacts=[os.path.join(out, n) for n in ("samples.png", "vae_loss.png", "unet_loss.png")])
+                          artifacts=[os.path.join(out, n) for n in ("samples.png", "caption_samples.png",
+                                                                    "vae_loss.png", "unet_loss.png")])
     return summary
