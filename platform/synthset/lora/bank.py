@@ -1,0 +1,538 @@
+"""LoRA banks: K LoRAs on the same frozen layers, routed per sample.
+
+A *bank* replaces each targeted ``nn.Linear`` of a UNet (by default the attention projections
+``to_q``, ``to_k``, ``to_v``, ``to_out.0``, as in LoFT) with a ``LoraBankLinear`` that holds K
+low-rank adapters as stacked parameters ``A: [K, r, in]`` and ``B: [K, out, r]``. Before a
+forward pass, *routing* says which LoRAs each sample uses and with what weight:
+``ids: [batch, M]`` and ``weights: [batch, M]``, and the layer computes, for sample b,
+
+    h_b = W x_b + (alpha / r) * Σ_m weights[b, m] * B[ids[b, m]] A[ids[b, m]] x_b
+
+which is Eq. 4 of LoFT (h = W h + λ ΔW_i h + (1 − λ) ΔW_j h) when M = 2 and the weights are
+(λ, 1 − λ), a plain LoRA when M = 1 and the weight is 1, and LoFT's 3-way fusion when M = 3.
+Every sample of a batch may use a different LoRA mix, so one batched forward trains many LoRAs
+at once (``synthset.lora.train``) and one pipeline call generates images from many LoRA pairs
+(``synthset.lora.fused``) — where LoFT's released code calls ``set_adapters`` once per image.
+
+Banks are saved as safetensors (``save_bank`` / ``load_bank``): one ``<module>.lora_A`` and
+``<module>.lora_B`` tensor per layer and the bank's rank, alpha, LoRA ids and names, target
+modules and a user dict in the header metadata. ``merge_banks`` joins banks trained in parallel
+over consecutive id ranges; ``add_peft_adapter`` loads one LoRA of a bank into a diffusers UNet
+as a peft adapter (the reference implementation that the tests compare against).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import operator
+import struct
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+FORMAT = "synthset-lora-bank"
+FORMAT_VERSION = "1"
+
+
+def _init_seed(seed: int, module_name: str, lora_id: int) -> int:
+    """The seed of LoRA ``lora_id``'s A matrix in ``module_name``: independent of the bank's size."""
+    digest = hashlib.sha256(f"synthset-lora-init:{seed}:{module_name}:{lora_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class LoraBankLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus K LoRAs, mixed per sample by the routing set on it.
+
+    ``base``: the linear layer (frozen here). ``num_loras``: K. ``rank``: r ≥ 1. ``alpha``: the
+    LoRA alpha (default r, as in LoFT), giving the scale alpha / r of Hu et al. 2021. ``first_id``:
+    the global id of the bank's LoRA 0 (banks trained in parallel cover consecutive id ranges);
+    routing uses *local* indices 0 … K-1. ``seed`` and ``name`` (the module's path in the UNet)
+    make A's init a function of (seed, name, global id) only, so LoRA k starts from the same
+    weights in a bank of 1 or of 1000. A follows peft's default (kaiming-uniform with a = √5,
+    i.e. U(-1/√in, 1/√in)); B starts at zero, so a fresh bank leaves the model unchanged.
+    """
+
+    def __init__(self, base: nn.Linear, num_loras: int, rank: int, alpha: float | None = None,
+                 seed: int = 0, name: str = "", first_id: int = 0, dtype: torch.dtype | None = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"LoraBankLinear wraps nn.Linear, got {type(base).__name__} at {name!r}")
+        if int(num_loras) < 1:
+            raise ValueError(f"num_loras must be >= 1, got {num_loras}")
+        if int(rank) < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if alpha is not None and not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        if int(first_id) < 0:
+            raise ValueError(f"first_id must be >= 0, got {first_id}")
+        self.base = base.requires_grad_(False)
+        self.name, self.seed, self.first_id = name, int(seed), int(first_id)
+        self.num_loras, self.rank = int(num_loras), int(rank)
+        self.alpha = float(alpha if alpha is not None else rank)
+        self.scale = self.alpha / self.rank
+        dtype = dtype or base.weight.dtype
+        device = base.weight.device
+        a = torch.empty(self.num_loras, self.rank, base.in_features, dtype=torch.float32)
+        bound = 1.0 / math.sqrt(base.in_features)  # kaiming_uniform_(a=√5) on a [r, in] weight
+        for k in range(self.num_loras):
+            g = torch.Generator().manual_seed(_init_seed(self.seed, name, self.first_id + k))
+            a[k].uniform_(-bound, bound, generator=g)
+        self.lora_A = nn.Parameter(a.to(device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.num_loras, base.out_features, self.rank, device=device, dtype=dtype))
+        self.ids: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None
+        self._active = False
+        self._cache_routed = True
+        self._routing_version = 0
+        self._cache: tuple | None = None
+
+    # nn.Linear's attributes, for code that inspects attn.to_q.weight / in_features.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def extra_repr(self) -> str:
+        return f"num_loras={self.num_loras}, rank={self.rank}, alpha={self.alpha}, first_id={self.first_id}"
+
+    def set_routing(self, ids: torch.Tensor | None, weights: torch.Tensor | None, active: bool = True,
+                    cache: bool = True) -> None:
+        """Route sample b through LoRAs ``ids[b]`` with ``weights[b]`` (validated by ``set_routing``)."""
+        if ids is None:
+            self.ids = self.weights = None
+        else:
+            self.ids = ids.to(self.lora_A.device)
+            self.weights = weights.to(self.lora_A.device, self.lora_A.dtype)
+        self._active = active and ids is not None
+        self._cache_routed = cache
+        self._routing_version += 1
+        self._cache = None
+
+    def _routed_factors(self, reps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_wᵀ [reps·R, in, M·r], B_wᵀ [reps·R, M·r, out]), weight × scale folded into A_w.
+
+        Σ_m w_m B_m A_m x = [B_1 … B_M] [w_1 A_1; …; w_M A_M] x: two batched matmuls for any M.
+        ``reps`` tiles the routing over an activation batch ``reps`` times larger: diffusers'
+        StableDiffusionPipeline runs classifier-free guidance on torch.cat([uncond, cond]), so
+        sample b sits at rows b and R + b and both halves get the same LoRA mix.
+        Without autograd (inference) the result is cached until the routing or the parameters
+        change (``Tensor._version`` counts in-place updates), so a denoising loop gathers once.
+        """
+        need_grad = torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+        key = (self._routing_version, self.lora_A._version, self.lora_B._version, reps)
+        if not need_grad and self._cache is not None and self._cache[0] == key:
+            return self._cache[1], self._cache[2]
+        ids, w = self.ids, self.weights
+        r_batch, m = ids.shape
+        a = self.lora_A[ids] * (w * self.scale)[:, :, None, None]            # [R, M, r, in]
+        a = a.reshape(r_batch, m * self.rank, self.in_features)
+        b = self.lora_B[ids].permute(0, 2, 1, 3).reshape(r_batch, self.out_features, m * self.rank)
+        if reps > 1:
+            a, b = a.repeat(reps, 1, 1), b.repeat(reps, 1, 1)
+        a, b = a.transpose(1, 2), b.transpose(1, 2)                          # [N, in, M·r], [N, M·r, out]
+        if not need_grad and self._cache_routed:
+            self._cache = (key, a, b)
+        return a, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if not self._active:
+            return out
+        n, r_batch = x.shape[0], self.ids.shape[0]
+        if n % r_batch:
+            raise ValueError(f"{self.name}: activation batch {n} is not a multiple of the routing batch {r_batch}")
+        a, b = self._routed_factors(n // r_batch)
+        h = torch.bmm(x.reshape(n, -1, self.in_features).to(a.dtype), a)   # [N, L, M·r]
+        out3 = out.reshape(n, -1, self.out_features)
+        # out + h B_wᵀ in one kernel (baddbmm) — Eq. 4 of LoFT for every sample at once; in place
+        # on the base layer's fresh output when autograd is off.
+        if not torch.is_grad_enabled() and out3.dtype == b.dtype:
+            return out3.baddbmm_(h, b).reshape(out.shape)
+        return torch.baddbmm(out3.to(b.dtype), h, b).reshape(out.shape).to(out.dtype)
+
+
+def _matches(name: str, targets) -> bool:
+    # peft's rule for target_modules given as names: the full name or its trailing components.
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if child.isdigit():  # an entry of a ModuleList / Sequential, e.g. to_out.0
+        parent[int(child)] = module
+    else:
+        setattr(parent, child, module)
+
+
+def bank_layers(model: nn.Module) -> dict[str, LoraBankLinear]:
+    """The bank's layers of ``model`` by module path (empty when no bank is injected)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraBankLinear)}
+
+
+def inject_lora_bank(unet: nn.Module, num_loras: int, rank: int, alpha: float | None = None,
+                     targets=DEFAULT_TARGETS, seed: int = 0, first_id: int = 0,
+                     dtype: torch.dtype | None = None) -> list[LoraBankLinear]:
+    """Replace every ``nn.Linear`` of ``unet`` named by ``targets`` with a ``LoraBankLinear``.
+
+    ``targets`` are matched like peft's ``target_modules`` (a module's full path or its trailing
+    components: ``"to_q"`` matches every ``…attn1.to_q`` and ``…attn2.to_q``). Everything else
+    in ``unet`` is frozen; only the bank's A and B require gradients. Returns the new layers.
+    For a loaded pipeline: ``inject_lora_bank(pipe.unet, …)`` modifies the pipeline in place.
+    """
+    if bank_layers(unet):
+        raise ValueError("inject_lora_bank: the model already has a LoRA bank (remove_lora_bank first)")
+    targets = tuple(targets)
+    if not targets:
+        raise ValueError("inject_lora_bank: targets is empty")
+    found = [(name, m) for name, m in unet.named_modules() if name and _matches(name, targets)]
+    if not found:
+        raise ValueError(f"inject_lora_bank: no module of the model matches targets {list(targets)}")
+    wrong = [name for name, m in found if not isinstance(m, nn.Linear)]
+    if wrong:
+        raise ValueError(f"inject_lora_bank: targets {list(targets)} match modules that are not nn.Linear: {wrong[:5]}")
+    unet.requires_grad_(False)
+    layers = []
+    for name, module in found:
+        layer = LoraBankLinear(module, num_loras, rank, alpha, seed=seed, name=name, first_id=first_id, dtype=dtype)
+        layer.targets = targets
+        _replace_module(unet, name, layer)
+        layers.append(layer)
+    return layers
+
+
+def remove_lora_bank(unet: nn.Module) -> None:
+    """Put the original linear layers back (the bank's weights are dropped)."""
+    for name, layer in bank_layers(unet).items():
+        _replace_module(unet, name, layer.base)
+
+
+def _require_layers(unet: nn.Module) -> list[LoraBankLinear]:
+    layers = list(bank_layers(unet).values())
+    if not layers:
+        raise ValueError("the model has no LoRA bank: call inject_lora_bank or load_bank_into first")
+    return layers
+
+
+def set_routing(unet: nn.Module, ids, weights=None, cache: bool = True) -> None:
+    """Route sample b of the next forwards through LoRAs ``ids[b]`` (local, 0 … K-1) with ``weights[b]``.
+
+    ``ids``: ints [batch, M] (or [batch] for M = 1); ``weights``: floats in [0, 1] of the same
+    shape (default all 1). The routing batch is the batch of the UNet input, or a divisor of it
+    (classifier-free guidance's doubled batch reuses each sample's routing for both halves).
+    Weights that are all zero make every layer return exactly its base output. ``cache``: keep
+    the gathered factors between forwards at inference (memory: ~2·M·r·(in+out) floats per
+    sample per layer); set False to trade speed for memory.
+    """
+    layers = _require_layers(unet)
+    ids = torch.as_tensor(ids)
+    if ids.dim() == 1:
+        ids = ids[:, None]
+    weights = torch.ones(ids.shape) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    if weights.dim() == 1:
+        weights = weights[:, None]
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"routing ids must be integers of shape [batch, M], got {tuple(ids.shape)} {ids.dtype}")
+    if weights.shape != ids.shape:
+        raise ValueError(f"routing weights shape {tuple(weights.shape)} != ids shape {tuple(ids.shape)}")
+    k = layers[0].num_loras
+    bad = ids[(ids < 0) | (ids >= k)]
+    if bad.numel():
+        raise ValueError(f"unknown LoRA id(s) {sorted(set(bad.tolist()))[:5]}: the bank holds local ids 0..{k - 1}")
+    if not torch.isfinite(weights).all() or ((weights < 0) | (weights > 1)).any():
+        raise ValueError(f"routing weights must lie in [0, 1], got min {weights.min().item()} max {weights.max().item()}")
+    ref = layers[0].lora_A
+    ids, weights = ids.to(ref.device, torch.long), weights.to(ref.device, ref.dtype)  # once, not per layer
+    active = bool((weights != 0).any())
+    for layer in layers:
+        layer.set_routing(ids, weights, active=active, cache=cache)
+
+
+def clear_routing(unet: nn.Module) -> None:
+    """No routing: every bank layer returns its base output (and drops cached factors)."""
+    for layer in bank_layers(unet).values():
+        layer.set_routing(None, None)
+
+
+@contextlib.contextmanager
+def routing(unet: nn.Module, ids, weights=None, cache: bool = True):
+    """``with routing(unet, ids, weights): unet(...)`` — set_routing, then clear_routing on exit."""
+    set_routing(unet, ids, weights, cache=cache)
+    try:
+        yield
+    finally:
+        clear_routing(unet)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving, loading, merging
+
+
+@dataclass
+class LoraBank:
+    """A bank's weights off the model: ``layers[name] = (A [K, r, in], B [K, out, r])``."""
+
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+    alpha: float
+    first_id: int = 0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    lora_names: list[str] | None = None
+    seed: int = 0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_loras(self) -> int:
+        return next(iter(self.layers.values()))[0].shape[0]
+
+    @property
+    def lora_ids(self) -> range:
+        return range(self.first_id, self.first_id + self.num_loras)
+
+    def local_index(self, lora_id: int) -> int:
+        """Position in the bank of global LoRA id ``lora_id`` (ValueError if the bank lacks it)."""
+        try:
+            index = operator.index(lora_id)  # int or numpy integer, not float or str
+        except TypeError:
+            index = None
+        if index is None or isinstance(lora_id, bool) or index not in self.lora_ids:
+            raise ValueError(f"unknown LoRA id {lora_id!r}: the bank holds ids {self.first_id}..{self.lora_ids.stop - 1}")
+        return index - self.first_id
+
+
+def bank_from_model(source) -> LoraBank:
+    """A ``LoraBank`` holding (detached, CPU) copies of the weights of a model's bank or of its layers."""
+    if isinstance(source, LoraBank):
+        return source
+    if isinstance(source, nn.Module):
+        layers = bank_layers(source)
+    elif isinstance(source, dict):
+        layers = dict(source)
+    else:
+        layers = {layer.name: layer for layer in source}
+    if not layers:
+        raise ValueError("no LoRA bank layers to save")
+    first = next(iter(layers.values()))
+    for name, layer in layers.items():
+        if (layer.num_loras, layer.rank, layer.alpha, layer.first_id) != (first.num_loras, first.rank, first.alpha, first.first_id):
+            raise ValueError(f"bank layer {name} differs from the others in num_loras/rank/alpha/first_id")
+    return LoraBank(
+        layers={name: (l.lora_A.detach().cpu().clone(), l.lora_B.detach().cpu().clone()) for name, l in layers.items()},
+        rank=first.rank, alpha=first.alpha, first_id=first.first_id,
+        targets=tuple(getattr(first, "targets", DEFAULT_TARGETS)), seed=first.seed)
+
+
+def save_bank(path, source, meta: dict | None = None, lora_names: list[str] | None = None) -> LoraBank:
+    """Write a bank to ``path`` (local path or storage URI) as safetensors, atomically.
+
+    ``source``: a model with a bank, a list/dict of ``LoraBankLinear``, or a ``LoraBank``.
+    ``meta``: JSON-serialisable dict kept in the header (e.g. method, class ids, config hash).
+    ``lora_names``: one name per LoRA (e.g. the image key each LoRA was trained on).
+    """
+    from safetensors.torch import save
+
+    from synthset import storage
+
+    bank = bank_from_model(source)
+    names = lora_names if lora_names is not None else bank.lora_names
+    if names is not None and len(names) != bank.num_loras:
+        raise ValueError(f"save_bank: {len(names)} lora_names for {bank.num_loras} LoRAs")
+    tensors = {}
+    for name, (a, b) in bank.layers.items():
+        tensors[f"{name}.lora_A"] = a.contiguous()
+        tensors[f"{name}.lora_B"] = b.contiguous()
+    header = {
+        "format": FORMAT, "version": FORMAT_VERSION, "rank": str(bank.rank), "alpha": repr(float(bank.alpha)),
+        "num_loras": str(bank.num_loras), "first_id": str(bank.first_id), "seed": str(bank.seed),
+        "targets": json.dumps(list(bank.targets)), "modules": json.dumps(sorted(bank.layers)),
+        "lora_names": json.dumps(list(names) if names is not None else None),
+        "meta": json.dumps({**bank.meta, **(meta or {})}, sort_keys=True),
+    }
+    storage.write_bytes(str(path), _canonical_safetensors(save(tensors, metadata=header)))
+    bank.lora_names = list(names) if names is not None else None
+    bank.meta = json.loads(header["meta"])
+    return bank
+
+
+def _canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its header in a fixed order, so equal banks are equal bytes.
+
+    safetensors writes ``__metadata__`` in hash-map order, which changes from call to call; here
+    the metadata keys are sorted and tensors listed by offset (the data section is untouched, and
+    offsets are relative to it). The header is padded with spaces to 8 bytes, as safetensors does.
+    """
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    meta = header.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+    ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"], kv[0])))
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + size:]
+
+
+def _header(data: bytes) -> dict:
+    # safetensors layout: u64 little-endian header size, then that many bytes of JSON.
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > len(data) - 8:
+        raise ValueError("header size larger than the file")
+    return json.loads(data[8:8 + size])
+
+
+def load_bank(path) -> LoraBank:
+    """Read a bank written by ``save_bank``; a missing or unreadable file raises naming ``path``."""
+    from safetensors.torch import load
+
+    from synthset import storage
+
+    path = str(path)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"LoRA bank file not found: {path}")
+    data = storage.read_bytes(path)
+    try:
+        header = _header(data).get("__metadata__") or {}
+        tensors = load(data)
+    except Exception as e:  # safetensors raises its own error types, json/struct theirs
+        raise ValueError(f"{path}: not a readable safetensors LoRA bank ({type(e).__name__}: {e})") from e
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a synthset LoRA bank (header format {header.get('format')!r})")
+    if header.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: LoRA bank version {header.get('version')!r}, expected {FORMAT_VERSION}")
+    try:
+        rank, num, modules = int(header["rank"]), int(header["num_loras"]), json.loads(header["modules"])
+        layers = {m: (tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]) for m in modules}
+        bank = LoraBank(layers=layers, rank=rank, alpha=float(header["alpha"]), first_id=int(header["first_id"]),
+                        targets=tuple(json.loads(header["targets"])), lora_names=json.loads(header["lora_names"]),
+                        seed=int(header["seed"]), meta=json.loads(header["meta"]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: LoRA bank header or tensors incomplete ({type(e).__name__}: {e})") from e
+    extra = set(tensors) - {f"{m}.lora_{x}" for m in modules for x in "AB"}
+    if extra:
+        raise ValueError(f"{path}: unexpected tensors {sorted(extra)[:5]}")
+    for m, (a, b) in layers.items():
+        if a.dim() != 3 or b.dim() != 3 or a.shape[:2] != (num, rank) or b.shape[0] != num or b.shape[2] != rank:
+            raise ValueError(f"{path}: layer {m} has A {tuple(a.shape)} B {tuple(b.shape)}, "
+                             f"expected [{num}, {rank}, in] and [{num}, out, {rank}]")
+    return bank
+
+
+def load_bank_into(unet: nn.Module, bank) -> list[LoraBankLinear]:
+    """Copy a bank (``LoraBank`` or path) into ``unet``, injecting the bank's layers if it has none.
+
+    If ``unet`` already has a bank, its modules, K, rank, alpha and first id must match.
+    """
+    if not isinstance(bank, LoraBank):
+        bank = load_bank(bank)
+    layers = bank_layers(unet)
+    if not layers:
+        inject_lora_bank(unet, bank.num_loras, bank.rank, bank.alpha, bank.targets, seed=bank.seed, first_id=bank.first_id)
+        layers = bank_layers(unet)
+    missing, unexpected = sorted(set(bank.layers) - set(layers)), sorted(set(layers) - set(bank.layers))
+    if missing or unexpected:
+        raise ValueError(f"LoRA bank does not fit the model: modules missing from the model {missing[:5]}, "
+                         f"model modules absent from the bank {unexpected[:5]}")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            a, b = bank.layers[name]
+            if (layer.lora_A.shape, layer.lora_B.shape) != (a.shape, b.shape) or layer.first_id != bank.first_id \
+                    or layer.alpha != bank.alpha:
+                raise ValueError(f"LoRA bank layer {name}: A {tuple(a.shape)} B {tuple(b.shape)} first_id {bank.first_id} "
+                                 f"alpha {bank.alpha} vs model A {tuple(layer.lora_A.shape)} B {tuple(layer.lora_B.shape)} "
+                                 f"first_id {layer.first_id} alpha {layer.alpha}")
+            layer.lora_A.copy_(a)
+            layer.lora_B.copy_(b)
+            layer.set_routing(None, None)  # drop any cached factors
+    return list(layers.values())
+
+
+def merge_banks(banks: list[LoraBank]) -> LoraBank:
+    """One bank over the union of banks covering consecutive id ranges (e.g. 0..15 and 16..31).
+
+    Banks trained in parallel (one Ray worker per id range) must agree on rank, alpha, targets
+    and modules; their id ranges, sorted, must tile first_id .. last id without gaps or overlap.
+    """
+    if not banks:
+        raise ValueError("merge_banks: no banks given")
+    banks = sorted(banks, key=lambda b: b.first_id)
+    ref = banks[0]
+    for b in banks[1:]:
+        if (b.rank, b.alpha, tuple(b.targets), sorted(b.layers)) != (ref.rank, ref.alpha, tuple(ref.targets), sorted(ref.layers)):
+            raise ValueError(f"merge_banks: bank with first_id {b.first_id} differs in rank/alpha/targets/modules "
+                             f"from bank with first_id {ref.first_id}")
+    for prev, nxt in zip(banks, banks[1:]):
+        if nxt.first_id != prev.lora_ids.stop:
+            raise ValueError(f"merge_banks: ids {prev.first_id}..{prev.lora_ids.stop - 1} are followed by a bank "
+                             f"starting at {nxt.first_id} (gap or overlap)")
+    names = None
+    if any(b.lora_names is not None for b in banks):
+        names = [n for b in banks for n in (b.lora_names or [None] * b.num_loras)]
+    layers = {m: (torch.cat([b.layers[m][0] for b in banks]), torch.cat([b.layers[m][1] for b in banks]))
+              for m in ref.layers}
+    meta = {k: v for k, v in ref.meta.items() if all(b.meta.get(k) == v for b in banks)}
+    return LoraBank(layers=layers, rank=ref.rank, alpha=ref.alpha, first_id=ref.first_id, targets=tuple(ref.targets),
+                    lora_names=names, seed=ref.seed, meta=meta)
+
+
+def merge_bank_files(paths: list, out_path) -> LoraBank:
+    """``merge_banks`` over files, written to ``out_path``."""
+    merged = merge_banks([load_bank(p) for p in paths])
+    return save_bank(out_path, merged)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interop with peft / diffusers (the reference implementation)
+
+
+def bank_lora_to_peft_state_dict(bank: LoraBank, lora_id: int) -> dict[str, torch.Tensor]:
+    """LoRA ``lora_id`` (global id) of ``bank`` as a peft state dict (``<module>.lora_A.weight`` …).
+
+    The format of ``peft.get_peft_model_state_dict``: load it with
+    ``peft.set_peft_model_state_dict(unet, sd, adapter_name=...)`` after ``unet.add_adapter``.
+    """
+    k = bank.local_index(lora_id)
+    sd = {}
+    for name, (a, b) in bank.layers.items():
+        sd[f"{name}.lora_A.weight"] = a[k].clone()
+        sd[f"{name}.lora_B.weight"] = b[k].clone()
+    return sd
+
+
+def add_peft_adapter(unet: nn.Module, bank: LoraBank, lora_id: int, adapter_name: str | None = None) -> str:
+    """Load LoRA ``lora_id`` of ``bank`` into a diffusers UNet (without a bank) as a peft adapter.
+
+    Returns the adapter name (default ``"lora_<id>"``). Mix adapters with
+    ``unet.set_adapters([a, b], [λ, 1 - λ])`` — LoFT's fusion as its released code does it.
+    """
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    if bank_layers(unet):
+        raise ValueError("add_peft_adapter: the model has a LoRA bank; use a UNet without one")
+    adapter_name = adapter_name or f"lora_{lora_id}"
+    sd = bank_lora_to_peft_state_dict(bank, lora_id)
+    config = LoraConfig(r=bank.rank, lora_alpha=bank.alpha, target_modules=list(bank.targets),
+                        init_lora_weights=False)
+    with warnings.catch_warnings():  # peft warns on every adapter after the first
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        unet.add_adapter(config, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(unet, sd, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ValueError(f"add_peft_adapter: peft did not place {sorted(unexpected)[:5]}")
+    return adapter_name
