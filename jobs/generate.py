@@ -1,15 +1,15 @@
 """Generate the synthetic dataset into WebDataset shards: `python jobs/generate.py --config ...`.
 
 Uses the foundation model the config names (``foundation.path``) or the pretrained embedded one
-(run `jobs/pretrain_foundation.py` first, or `jobs/pipeline.py`). Complete shards are skipped on
-rerun; `--no-resume` starts over.
+(run `jobs/pretrain_foundation.py` first, or `jobs/pipeline.py`), with the method's captioning and
+LoRA adaptation first when it has them (``synthesis.method``). Complete shards (and LoRA banks)
+are skipped on rerun; `--no-resume` starts over.
 """
 import _path  # noqa: F401
 
 from synthset.cli import main, tracked_job
-from synthset.pipeline import print_json, validate_inputs
+from synthset.pipeline import print_json, run_generation, validate_inputs
 from synthset.stages.foundation import foundation_dir, foundation_model_path
-from synthset.stages.synthesize import run_synthesis
 
 
 def work(args, cfg):
@@ -18,7 +18,7 @@ def work(args, cfg):
         raise FileNotFoundError(f"foundation model {foundation_model_path(cfg)} not found for this config: "
                                 "run jobs/pretrain_foundation.py first, or set foundation.path")
     with tracked_job(cfg, "generate") as tracker:
-        print_json(run_synthesis(cfg, foundation_model_path(cfg), class_names, not args.no_resume, tracker))
+        print_json(run_generation(cfg, class_names, not args.no_resume, tracker))
 
 
 if __name__ == "__main__":

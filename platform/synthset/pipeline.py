@@ -1,4 +1,4 @@
-"""The whole pipeline from one config: foundation → Teacher → synthesis → label → Students.
+"""The whole pipeline from one config: foundation → Teacher → [caption → adapt] → synthesis → label → Students.
 
 Every stage writes under ``<output.root>/<stage>/<stage hash>/`` and is skipped when its output
 already exists for the same hash, so rerunning does no duplicate work. ``validate_inputs``
@@ -29,10 +29,46 @@ def validate_inputs(cfg: Config) -> list[str]:
         if not index.is_file():
             raise FileNotFoundError(f"foundation.path: {index} not found (expected a diffusers pipeline directory)")
     train, _ = load_source(cfg.data)
-    split_indices(len(train), cfg.data.splits.public, cfg.data.splits.private, cfg.data.splits.seed)
+    _, private = split_indices(len(train), cfg.data.splits.public, cfg.data.splits.private, cfg.data.splits.seed)
     if path is None and cfg.data.splits.public == 0:
         raise ValueError("data.splits.public: 0 public images, but foundation.path is not set (nothing to pretrain on)")
+    _check_method(cfg, train.labels[private], train.class_names)
     return train.class_names
+
+
+def _check_method(cfg: Config, private_labels, class_names: list[str]) -> None:
+    """What the generation method needs from the private split, checked before any work."""
+    import numpy as np
+
+    from synthset.methods import LORA_METHODS
+
+    method, k = cfg.synthesis.method, cfg.adapt.shots_per_class
+    if method not in LORA_METHODS:
+        return
+    counts = np.bincount(private_labels, minlength=len(class_names))
+    short = [f"{class_names[c]} ({counts[c]})" for c in range(len(class_names)) if counts[c] < (k or 1)]
+    if short:
+        raise ValueError(f"adapt.shots_per_class={k}: the private split has fewer images of {', '.join(short)}")
+    arity = {"single": 1, "pair": 2, "triple": 3}[cfg.synthesis.fusion.mode]
+    if method == "loft" and k is not None and k < arity:
+        raise ValueError(f"synthesis.fusion.mode={cfg.synthesis.fusion.mode!r} fuses {arity} LoRAs per image but "
+                         f"adapt.shots_per_class={k}")
+
+
+def run_generation(cfg: Config, class_names: list[str], resume: bool = True, tracker=None) -> dict:
+    """The method's whole generation path: [caption] → [adapt] → plan → synthesize shards."""
+    from synthset.methods import CAPTION_METHODS, LORA_METHODS
+    from synthset.stages.adapt import plan_context, run_adapt
+    from synthset.stages.caption import run_caption
+    from synthset.stages.foundation import foundation_model_path
+    from synthset.stages.synthesize import run_synthesis
+
+    method, model = cfg.synthesis.method, foundation_model_path(cfg)
+    captions = run_caption(cfg, "private", resume, tracker)["captions"] if method in CAPTION_METHODS else None
+    adapt = run_adapt(cfg, model, captions, resume, tracker) if method in LORA_METHODS else None
+    context = plan_context(cfg, class_names, adapt["table"] if adapt else None, captions)
+    summary = run_synthesis(cfg, model, class_names, resume, tracker, context, adapt["loras"] if adapt else None)
+    return {**summary, "adapt": adapt}
 
 
 def describe(cfg: Config) -> dict:
@@ -41,8 +77,22 @@ def describe(cfg: Config) -> dict:
     from synthset.stages.foundation import foundation_dir
     from synthset.stages.synthesize import label_dir, synthesis_dir
 
-    dirs = {"foundation": foundation_dir(cfg), "teacher": teacher_dir(cfg), "synthesis": synthesis_dir(cfg),
+    from synthset.methods import CAPTION_METHODS, LORA_METHODS
+    from synthset.stages.adapt import adapt_dir
+    from synthset.stages.caption import caption_dir
+
+    method = cfg.synthesis.method
+    dirs = {"foundation": foundation_dir(cfg), "teacher": teacher_dir(cfg),
+            **({"caption": caption_dir(cfg)} if method in CAPTION_METHODS else {}),
+            **({"adapt": adapt_dir(cfg)} if method in LORA_METHODS else {}),
+            "synthesis": synthesis_dir(cfg),
             "label": label_dir(cfg), **{f"student-{l}": student_dir(cfg, l) for l in cfg.student.labels}}
+    from synthset.stages.evaluate import evaluate_dir, replication_dir
+
+    if cfg.replication.enabled:
+        dirs["replication"] = replication_dir(cfg)
+    if cfg.evaluate.enabled:
+        dirs["evaluate"] = evaluate_dir(cfg)
     return {"config_hash": config_hash(cfg.to_dict()),
             "stages": {k: {"hash": d.hash, "dir": d.uri, "complete": d.is_complete()} for k, d in dirs.items()}}
 
@@ -50,8 +100,8 @@ def describe(cfg: Config) -> dict:
 def run_pipeline(cfg: Config, resume: bool = True) -> dict:
     from synthset.stages.classifier import run_student, run_teacher
     from synthset.stages.common import init_ray
-    from synthset.stages.foundation import foundation_model_path, run_foundation
-    from synthset.stages.synthesize import dataset_sample_grid, run_label, run_synthesis
+    from synthset.stages.foundation import run_foundation
+    from synthset.stages.synthesize import dataset_sample_grid, run_label
     from synthset.tracking import Tracker
 
     t0 = time.time()
@@ -63,9 +113,13 @@ def run_pipeline(cfg: Config, resume: bool = True) -> dict:
     with tracker.pipeline_run("pipeline"):
         foundation = run_foundation(cfg, tracker)
         teacher = run_teacher(cfg, tracker)
-        synthesis = run_synthesis(cfg, foundation_model_path(cfg), class_names, resume, tracker)
+        synthesis = run_generation(cfg, class_names, resume, tracker)
         label = run_label(cfg, synthesis["dataset"], teacher["model"], resume, tracker)
-        students = {labels: run_student(cfg, label["dataset"], labels, tracker) for labels in cfg.student.labels}
+        from synthset.stages.evaluate import run_evaluate, student_training_set
+
+        train_set = student_training_set(cfg, label["dataset"], resume, tracker)  # replication gate (flag/drop)
+        students = {labels: run_student(cfg, train_set, labels, tracker) for labels in cfg.student.labels}
+        evaluation = run_evaluate(cfg, resume, tracker) if cfg.evaluate.enabled else {}
         grid = storage.join(root, f"synthetic_samples-{synthesis['stage_hash']}.png")
         if storage.is_local(grid):
             dataset_sample_grid(label["dataset"], grid)
@@ -77,12 +131,16 @@ def run_pipeline(cfg: Config, resume: bool = True) -> dict:
             "images": synthesis["num_samples"], "images_generated_now": 0 if synthesis.get("reused") else synthesis.get("generated_now", 0),
             "images_per_s": synthesis.get("images_per_s", 0.0),
             "shards": synthesis["dataset"], "labelled_shards": label["dataset"],
-            "foundation_model": foundation.get("model"), "sample_grid": grid,
+            "foundation_model": foundation.get("model"), "sample_grid": grid, "method": cfg.synthesis.method,
+            "adapt": synthesis.get("adapt"),
             "confusion_matrices": [os.path.join(s["model"], "confusion_matrix.png") for s in students.values()],
             "mlflow_uri": tracker.uri, "seconds": time.time() - t0,
+            **({"report": evaluation["report"], **{k: v for k, v in evaluation.items() if k.startswith(
+                ("gen_", "replication_", "lira_"))}} if evaluation else {}),
             "stage_seconds": {name: round(st.get("seconds", 0.0), 1) for name, st in
                               [("foundation", foundation), ("teacher", teacher), ("synthesis", synthesis),
-                               ("label", label), *[(f"student-{k}", v) for k, v in students.items()]]},
+                               ("label", label), *[(f"student-{k}", v) for k, v in students.items()],
+                               ("evaluate", evaluation)]},
         }
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, float) or isinstance(v, int)})
         tracker.log_stage("evaluate", cfg, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))},
@@ -105,6 +163,11 @@ def format_summary(summary: dict) -> str:
               f"Sample grid:   {summary['sample_grid']}",
               f"Confusion:     {', '.join(summary['confusion_matrices'])}",
               f"MLflow store:  {summary['mlflow_uri']}"]
+    if summary.get("report"):
+        lines.insert(-1, f"Report:        {summary['report']}")
+        if "replication_rate" in summary:
+            lines.insert(-1, f"Replication:   {summary['replication_copies']} near-copies "
+                             f"({summary['replication_rate']:.2%}) of private images")
     if summary.get("mlflow_uri"):
         lines.append(f"Open the UI:   .venv/bin/mlflow ui --backend-store-uri {summary['mlflow_uri']}")
     lines.append(f"Total time:    {summary['seconds']:.0f}s (stages, when run: "

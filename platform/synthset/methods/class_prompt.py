@@ -32,13 +32,15 @@ def generate_batch(pipe, requests: list[dict], num_inference_steps: int, guidanc
     """uint8 images (N, H, W[, C]) for ``requests``; each image seeded by its own request."""
     device = pipe.unet.device
     generators = [torch.Generator(device="cpu").manual_seed(r["seed"]) for r in requests]
-    sample = pipe.unet.config.sample_size
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    height = height or pipe.unet.config.sample_size * scale
+    width = width or pipe.unet.config.sample_size * scale
+    if height % scale or width % scale:
+        raise ValueError(f"synthesis.resolution: {height}x{width} is not a multiple of the VAE's factor {scale}")
     # Initial noise from per-image CPU generators: identical on any device and in any batch.
-    latents = torch.stack([torch.randn((pipe.unet.config.in_channels, sample, sample), generator=g)
+    latents = torch.stack([torch.randn((pipe.unet.config.in_channels, height // scale, width // scale), generator=g)
                            for g in generators]).to(device, pipe.unet.dtype)
-    out = pipe(prompt=[r["prompt"] for r in requests], latents=latents,
-               height=height or sample * scale, width=width or sample * scale,
+    out = pipe(prompt=[r["prompt"] for r in requests], latents=latents, height=height, width=width,
                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                output_type="np").images
     images = (np.clip(out, 0, 1) * 255).round().astype(np.uint8)

@@ -52,6 +52,17 @@ def _encode_all(images: np.ndarray, fmt: str) -> list[bytes]:
     return [encode_image(image, fmt) for image in images]
 
 
+def _context_from_dict(context: dict | None, class_names: list[str], syn):
+    """The methods' ``PlanContext`` from its JSON form (JSON keys are strings; class ids are ints)."""
+    from synthset.methods import PlanContext
+
+    if context is None:
+        return PlanContext(class_names, syn.prompt_template, syn.caption_template, fusion=syn.fusion.model_dump())
+    return PlanContext(class_names, context["prompt_template"], context["caption_template"],
+                       {int(c): [tuple(x) for x in v] for c, v in context["captions"].items()},
+                       {int(c): list(v) for c, v in context["loras"].items()}, context["fusion"])
+
+
 class ShardGenerator:
     """Ray Data actor: loads the foundation pipeline once, turns shard rows into written shards.
 
@@ -60,7 +71,7 @@ class ShardGenerator:
     """
 
     def __init__(self, model_path: str, synthesis: dict, class_names: list[str], run_seed: int,
-                 dataset: str, generator_id: str):
+                 dataset: str, generator_id: str, context: dict | None = None, loras: str | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         import torch
@@ -72,24 +83,33 @@ class ShardGenerator:
         device, dtype = _torch_setup(self.cfg.actors.num_cpus, self.cfg.actors.num_gpus, self.cfg.dtype)
         # Half precision only on GPU; on CPU it is slower (bf16) or unsupported (fp16).
         self.pipe = load_foundation(model_path, device=device, dtype=dtype if device == "cuda" else None)
+        if loras:  # the adapted LoRAs, every one of them, routed per sample at generation time
+            from synthset.lora.bank import load_bank_into
+
+            load_bank_into(self.pipe.unet, loras)
         if self.cfg.compile:
             self.pipe.unet = torch.compile(self.pipe.unet)
         self.class_names, self.run_seed, self.dataset, self.generator_id = class_names, run_seed, dataset, generator_id
+        self.context = _context_from_dict(context, class_names, self.cfg)
+        self.fused = bool(loras)
         self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
 
     def __call__(self, batch: dict) -> dict:
-        from synthset.methods.class_prompt import generate_batch, plan_requests
+        from synthset.lora.fused import fused_generate
+        from synthset.methods import plan_requests
+        from synthset.methods.class_prompt import generate_batch
 
+        generate = fused_generate if self.fused else generate_batch
         out = {"index": [], "stats": []}
         for shard, start, stop in zip(batch["shard"], batch["start"], batch["stop"]):
             t0 = time.time()
-            requests = plan_requests(int(start), int(stop), self.run_seed, self.class_names, self.cfg.prompt_template)
+            requests = plan_requests(self.cfg.method, int(start), int(stop), self.run_seed, self.context)
             encoded, model_seconds = [], 0.0
             for i in range(0, len(requests), self.cfg.batch_size):
                 chunk = requests[i:i + self.cfg.batch_size]
                 t = time.time()
-                images = generate_batch(self.pipe, chunk, self.cfg.num_inference_steps, self.cfg.guidance_scale,
-                                        self.cfg.resolution, self.cfg.resolution)
+                images = generate(self.pipe, chunk, self.cfg.num_inference_steps, self.cfg.guidance_scale,
+                                   self.cfg.resolution, self.cfg.resolution)
                 model_seconds += time.time() - t
                 encoded.append((chunk, self.encoder.submit(_encode_all, images, self.cfg.image_format)))
             samples = []
@@ -141,12 +161,23 @@ def _pending(dataset: str, ranges: list[tuple[int, int, int]], resume: bool) -> 
     return tasks, done
 
 
-def run_synthesis(cfg: Config, model_path: str, class_names: list[str], resume: bool = True, tracker=None) -> dict:
-    """Generate the planned images into ``<synthesis dir>/data`` and return the stage summary."""
+def run_synthesis(cfg: Config, model_path: str, class_names: list[str], resume: bool = True, tracker=None,
+                  context=None, loras: str | None = None) -> dict:
+    """Generate the planned images into ``<synthesis dir>/data`` and return the stage summary.
+
+    ``context``: the method's ``PlanContext`` (captions, LoRA table; ClassPrompt needs none);
+    ``loras``: the adapted LoRA bank (``stages.adapt``) for tckr / datadream / loft.
+    """
+    import dataclasses
     stage = synthesis_dir(cfg)
     if resume and stage.is_complete():
         return stage.reuse(stage.path("data"))
     syn = cfg.synthesis
+    from synthset.methods import LORA_METHODS
+
+    if (syn.method in LORA_METHODS) != bool(loras):
+        raise ValueError(f"synthesis.method={syn.method!r} " + ("needs the adapted LoRAs (run the adapt stage first)"
+                                                                 if loras else "takes no LoRAs"))
     total = syn.images_per_class * len(class_names)
     dataset = stage.path("data")
     ranges = shard_ranges(total, syn.shard_size)
@@ -159,13 +190,14 @@ def run_synthesis(cfg: Config, model_path: str, class_names: list[str], resume: 
     new = _run_shard_pool(
         tasks, ShardGenerator,
         {"model_path": model_path, "synthesis": syn.model_dump(mode="json"), "class_names": class_names,
-         "run_seed": cfg.run.seed, "dataset": dataset, "generator_id": model_path},
+         "run_seed": cfg.run.seed, "dataset": dataset, "generator_id": model_path,
+         "context": dataclasses.asdict(context) if context is not None else None, "loras": loras},
         syn.actors, "synthesis", total, sum(s["count"] for s in done.values()), tracker)
     seconds = time.time() - t0
     stats = list(done.values()) + new
     generated = sum(s["count"] for s in new)
     manifest = write_manifest(dataset, {"config_hash": stage.hash, "class_names": class_names, "method": syn.method,
-                                        "generator": model_path, "run_seed": cfg.run.seed,
+                                        "generator": model_path, "run_seed": cfg.run.seed, "loras": loras,
                                         "plan": {"total": total, "shard_size": syn.shard_size}}, stats)
     if manifest["num_samples"] != total:
         raise RuntimeError(f"synthesis: {manifest['num_samples']} samples written, {total} planned")

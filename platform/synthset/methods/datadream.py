@@ -1,0 +1,25 @@
+"""DataDream: one LoRA per class over that class's k real shots, prompt "a photo of a {class}".
+
+Each request uses its class's LoRA at weight 1 (LoFT's baseline table; DataDream trains rank
+16, lr 1e-4). Batches mix classes freely: the fused-LoRA layer routes each sample.
+"""
+
+from __future__ import annotations
+
+from synthset.methods.plan import class_for_index, derive_seed, image_key
+
+METHOD = "datadream"
+
+
+def plan_requests(start: int, stop: int, run_seed: int, context) -> list[dict]:
+    names, rows = context.class_names, []
+    for index in range(start, stop):
+        c = class_for_index(index, len(names))
+        ids = context.loras.get(c)
+        if not ids:
+            raise ValueError(f"datadream: no LoRA for class {names[c]!r}")
+        rows.append({"key": image_key(index), "index": index, "method": METHOD, "class_id": c,
+                     "seed": derive_seed(run_seed, index),
+                     "prompt": context.prompt_template.format(**{"class": names[c]}),
+                     "lora_ids": [int(ids[0])], "lora_weights": [1.0]})
+    return rows

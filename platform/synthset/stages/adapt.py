@@ -1,0 +1,218 @@
+"""Adapt stage: LoRAs of the foundation UNet trained on the private split (TCKR, DataDream, LoFT).
+
+    python jobs/adapt.py --config conf/loft.yaml
+
+Which real images and which LoRAs (``plan_loras``):
+
+- TCKR: one LoRA (rank 4) over every selected private image, prompts ``"{class}: {caption}"``;
+- DataDream: one LoRA per class (rank 16) over that class's k shots, ``"a photo of a {class}"``;
+- LoFT: one LoRA per shot (rank 2), ``"a photo of a {class}"``.
+
+The k shots per class (``adapt.shots_per_class``; all images when null) are a seeded choice
+from the private split. LoRAs are grouped into banks of ``adapt.loras_per_bank``; each bank is
+one Ray task that trains its LoRAs in one batched forward (``lora.train.train_lora_bank``) and
+writes ``banks/bank-NNNN.safetensors`` atomically, so a rerun trains only the missing banks.
+Training a LoRA in a bank equals training it alone (tests/test_lora_bank.py), so the bank size
+and the number of parallel workers do not change the result. The stage ends by merging the banks
+into ``loras.safetensors`` and writing ``loras.json`` (LoRA id → class, real image, caption), the
+table the generation methods plan with.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from synthset import storage
+from synthset.config import Config
+from synthset.stages.common import StageDir
+
+# The methods' own settings (DESIGN.md, method notes); adapt.rank / adapt.lr override them.
+METHOD_DEFAULTS = {"tckr": {"rank": 4, "lr": 1e-4}, "datadream": {"rank": 16, "lr": 1e-4},
+                   "loft": {"rank": 2, "lr": 1e-3}}
+
+
+def adapt_dir(cfg: Config) -> StageDir:
+    return StageDir.for_config(cfg, "adapt")
+
+
+def select_shots(labels: np.ndarray, num_classes: int, k: int | None, seed: int) -> np.ndarray:
+    """Positions into the private split: k per class (seeded), class by class; all when k is None."""
+    rng = np.random.default_rng([seed, 0x5107])
+    chosen = []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        if len(members) == 0:
+            raise ValueError(f"adapt: class {c} has no image in the private split")
+        if k is not None and len(members) < k:
+            raise ValueError(f"adapt.shots_per_class={k}, but class {c} has only {len(members)} private images")
+        chosen.append(members if k is None else np.sort(rng.choice(members, size=k, replace=False)))
+    return np.concatenate(chosen)
+
+
+def plan_loras(method: str, shot_labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """(LoRA id of each training image, number of LoRAs) for ``method``."""
+    if method == "tckr":
+        return np.zeros(len(shot_labels), dtype=np.int64), 1
+    if method == "datadream":
+        return shot_labels.astype(np.int64), int(shot_labels.max()) + 1
+    if method == "loft":
+        return np.arange(len(shot_labels), dtype=np.int64), len(shot_labels)
+    raise ValueError(f"synthesis.method={method!r} has no adaptation stage")
+
+
+def method_settings(cfg: Config) -> dict:
+    defaults = METHOD_DEFAULTS[cfg.synthesis.method]
+    rank = cfg.adapt.rank or defaults["rank"]
+    return {"rank": rank, "alpha": cfg.adapt.alpha or float(rank), "lr": cfg.adapt.lr or defaults["lr"]}
+
+
+def train_bank(model_path: str, images: np.ndarray, prompts: list[str], owner: np.ndarray, first_id: int,
+               num_loras: int, settings: dict, adapt: dict, out_uri: str) -> dict:
+    """Train LoRAs ``first_id … first_id + num_loras - 1`` on their images; write the bank file."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from synthset.config import AdaptConfig
+    from synthset.data.splits import to_unit_tensor
+    from synthset.diffusion.text_to_image import encode_latents, encode_prompts
+    from synthset.lora.bank import inject_lora_bank, save_bank
+    from synthset.lora.train import train_lora_bank
+    from synthset.models.foundation import load_foundation
+
+    cfg = AdaptConfig.model_validate(adapt)
+    torch.set_num_threads(cfg.cpus_per_worker)
+    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    pipe = load_foundation(model_path, device=device)
+    t0 = time.time()
+    with torch.no_grad():
+        latents = encode_latents(pipe.vae, to_unit_tensor(images).to(device)) * pipe.vae.config.scaling_factor
+        cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)
+    inject_lora_bank(pipe.unet, num_loras, settings["rank"], settings["alpha"], seed=cfg.seed, first_id=first_id)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    losses = train_lora_bank(pipe.unet, scheduler, latents, cond, owner, num_loras, cfg.steps, cfg.batch_per_lora,
+                             settings["lr"], cfg.seed, cfg.min_snr_gamma, progress_every=60.0)
+    local = storage.local_path(out_uri)
+    save_bank(local if local else out_uri, pipe.unet, {"first_id": first_id, **settings})
+    return {"bank": out_uri, "first_id": first_id, "num_loras": num_loras, "seconds": time.time() - t0,
+            "loss_first": float(losses[: max(1, cfg.steps // 10)].mean()),
+            "loss_last": float(losses[-max(1, cfg.steps // 10):].mean())}
+
+
+def _training_set(cfg: Config, captions_path: str | None):
+    """(images, labels, private positions, prompts, captions) of the selected shots."""
+    from synthset.data.splits import fit_images, make_splits
+    from synthset.stages.caption import read_captions
+
+    splits = make_splits(cfg.data)
+    private, names = splits.private, splits.class_names
+    shots = select_shots(private.labels, len(names), cfg.adapt.shots_per_class, cfg.adapt.seed)
+    labels = private.labels[shots].astype(np.int64)
+    captions = None
+    if cfg.synthesis.method == "tckr":
+        all_captions = read_captions(captions_path)
+        if len(all_captions) != len(private):
+            raise ValueError(f"{captions_path}: {len(all_captions)} captions for {len(private)} private images")
+        captions = [all_captions[i] for i in shots]
+        prompts = [cfg.synthesis.caption_template.format(**{"class": names[c], "caption": t})
+                   for c, t in zip(labels, captions)]
+    else:
+        prompts = [cfg.synthesis.prompt_template.format(**{"class": names[c]}) for c in labels]
+    images = fit_images(private.images[shots], cfg.data.image_size)
+    return images, labels, shots, splits.private_index[shots], prompts, captions, names
+
+
+def run_adapt(cfg: Config, model_path: str, captions_path: str | None = None, resume: bool = True,
+              tracker=None) -> dict:
+    """Train the method's LoRAs; returns the summary with ``loras`` (merged bank) and ``table``."""
+    import ray
+
+    from synthset.lora.bank import load_bank, merge_banks, save_bank
+    from synthset.progress import Progress
+
+    stage = adapt_dir(cfg)
+    if resume and stage.is_complete():
+        return stage.reuse(stage.path("loras.safetensors"))
+    method = cfg.synthesis.method
+    images, labels, positions, real_index, prompts, captions, names = _training_set(cfg, captions_path)
+    owner, num_loras = plan_loras(method, labels)
+    settings = method_settings(cfg)
+    per_bank = cfg.adapt.loras_per_bank
+    stage.begin(cfg)
+    banks = []
+    for b, first in enumerate(range(0, num_loras, per_bank)):
+        last = min(first + per_bank, num_loras)
+        banks.append({"index": b, "first_id": first, "num_loras": last - first,
+                      "uri": stage.path("banks", f"bank-{b:04d}.safetensors")})
+    todo = [bk for bk in banks if not (resume and storage.exists(bk["uri"]))]
+    print(f"[adapt] {method}: {num_loras} LoRA(s) of rank {settings['rank']} on {len(images)} private images, "
+          f"{cfg.adapt.steps} steps, {len(banks)} bank(s), {len(banks) - len(todo)} already trained; "
+          f"{cfg.adapt.workers} in parallel")
+    t0 = time.time()
+    remote = ray.remote(num_cpus=cfg.adapt.cpus_per_worker, num_gpus=1 if cfg.adapt.use_gpu else 0,
+                        max_retries=2)(train_bank)
+    model_ref = ray.put(model_path)
+    pending, results = [], []
+    progress = Progress("adapt", len(todo), "banks", every=30.0)
+    for bk in todo:
+        members = np.flatnonzero((owner >= bk["first_id"]) & (owner < bk["first_id"] + bk["num_loras"]))
+        if len(pending) >= cfg.adapt.workers:  # bounded: at most `workers` banks in flight
+            done, pending = ray.wait(pending, num_returns=1)
+            results += ray.get(done)
+            progress.update(1)
+        pending.append(remote.remote(model_ref, images[members], [prompts[i] for i in members],
+                                     owner[members] - bk["first_id"], bk["first_id"], bk["num_loras"], settings,
+                                     cfg.adapt.model_dump(mode="json"), bk["uri"]))
+    for r in ray.get(pending):
+        results.append(r)
+        progress.update(1)
+    merged = merge_banks([load_bank(bk["uri"]) for bk in banks])
+    loras = [{"id": int(k), "class_id": int(labels[owner == k][0]) if method != "tckr" else None,
+              "real_index": int(real_index[owner == k][0]) if method == "loft" else None,
+              "private_position": int(positions[owner == k][0]) if method == "loft" else None}
+             for k in range(num_loras)]
+    save_bank(stage.path("loras.safetensors"), merged, {"method": method, "stage_hash": stage.hash})
+    table = {"method": method, "class_names": names, **settings, "loras": loras,
+             "shots": [{"private_position": int(p), "real_index": int(r), "class_id": int(c),
+                        "caption": captions[i] if captions else None, "lora_id": int(owner[i])}
+                       for i, (p, r, c) in enumerate(zip(positions, real_index, labels))]}
+    storage.write_json(stage.path("loras.json"), table)
+    seconds = time.time() - t0
+    if tracker is not None and results:
+        tracker.log_metrics({"adapt_loss_first": float(np.mean([r["loss_first"] for r in results])),
+                             "adapt_loss_last": float(np.mean([r["loss_last"] for r in results]))})
+    summary = stage.complete({"loras": stage.path("loras.safetensors"), "table": stage.path("loras.json"),
+                              "method": method, "num_loras": num_loras, "rank": settings["rank"],
+                              "shots": len(images), "banks_trained_now": len(results), "seconds": seconds,
+                              "loss_first": float(np.mean([r["loss_first"] for r in results])) if results else None,
+                              "loss_last": float(np.mean([r["loss_last"] for r in results])) if results else None})
+    print(f"[adapt] {len(results)} bank(s) trained in {seconds:.0f}s → {stage.path('loras.safetensors')}")
+    return summary
+
+
+def plan_context(cfg: Config, class_names: list[str], table_uri: str | None, captions_path: str | None):
+    """The ``methods.PlanContext`` of ``cfg``'s method from the adaptation table and captions."""
+    from synthset.methods import PlanContext
+    from synthset.stages.caption import read_captions
+
+    method = cfg.synthesis.method
+    captions: dict[int, list[tuple[int, str]]] = {}
+    loras: dict[int, list[int]] = {}
+    table = storage.read_json(table_uri) if table_uri else None
+    if method == "caption_prompt":
+        from synthset.data.splits import make_splits
+
+        labels = make_splits(cfg.data).private.labels
+        for pos, text in enumerate(read_captions(captions_path)):
+            captions.setdefault(int(labels[pos]), []).append((pos, text))
+    elif method == "tckr":
+        for shot in table["shots"]:
+            captions.setdefault(shot["class_id"], []).append((shot["private_position"], shot["caption"]))
+    if method == "tckr":
+        loras = {c: [0] for c in range(len(class_names))}
+    elif method in ("datadream", "loft"):
+        for lora in table["loras"]:
+            loras.setdefault(lora["class_id"], []).append(lora["id"])
+    return PlanContext(class_names, cfg.synthesis.prompt_template, cfg.synthesis.caption_template, captions, loras,
+                       cfg.synthesis.fusion.model_dump())
