@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -280,3 +281,49 @@ def test_peft_adapter_from_bank_matches_a_single_lora(base_unet):
         theirs = ref(x, t, encoder_hidden_states=cond).sample
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
     assert isinstance(next(iter(bank_layers(unet).values())), LoraBankLinear)
+
+
+def _data_parallel_worker(rank, world, port, unet_dir, out_dir):
+    import os
+
+    import torch.distributed as dist
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    unet = UNet2DConditionModel.from_pretrained(f"{unet_dir}/unet", use_safetensors=True).eval()
+    scheduler = DDPMScheduler.from_pretrained(f"{unet_dir}/scheduler")
+    x, _, cond = _inputs(unet, 6, seed=5)
+    inject_lora_bank(unet, 1, rank=4, seed=3)
+    losses = train_lora_bank(unet, scheduler, x, cond, torch.zeros(6), num_loras=1, steps=3, batch_per_lora=4,
+                             lr=2e-2, seed=7, progress_every=1e9, data_parallel=(rank, world))
+    if rank == 0:
+        save_bank(f"{out_dir}/dp.safetensors", unet)
+        np.save(f"{out_dir}/dp_losses.npy", losses)
+    dist.destroy_process_group()
+
+
+def test_data_parallel_training_equals_one_process(base_unet, noise_scheduler, tiny_pipeline_dir, tmp_path):
+    """TCKR's single LoRA split across 2 gloo ranks (as in a Ray Train worker group) == one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_data_parallel_worker, args=(2, port, str(tiny_pipeline_dir), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    unet = copy.deepcopy(base_unet)
+    x, _, cond = _inputs(unet, 6, seed=5)
+    inject_lora_bank(unet, 1, rank=4, seed=3)
+    losses = train_lora_bank(unet, noise_scheduler, x, cond, torch.zeros(6), num_loras=1, steps=3, batch_per_lora=4,
+                             lr=2e-2, seed=7, progress_every=1e9)
+    one, dp = bank_from_model(unet), load_bank(tmp_path / "dp.safetensors")
+    assert np.allclose(losses, np.load(tmp_path / "dp_losses.npy"), rtol=1e-4)
+    moved = 0.0
+    for name, (a, b) in one.layers.items():
+        assert _rel(dp.layers[name][0], a) < 1e-3 and _rel(dp.layers[name][1], b) < 1e-3
+        moved += float(b.abs().sum())
+    assert moved > 0  # training moved B off zero, so the comparison is not between two zero tensors

@@ -106,7 +106,7 @@ def train_lora_bank(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden
                     lora_of_sample, num_loras: int, steps: int, batch_per_lora: int = 1, lr: float = 1e-3,
                     seed: int = 0, min_snr_gamma: float | None = None, weight_decay: float = 1e-2,
                     warmup_steps: int = 0, max_grad_norm: float | None = None, max_batch_size: int | None = None,
-                    progress_every: float = 10.0) -> np.ndarray:
+                    progress_every: float = 10.0, data_parallel: tuple[int, int] | None = None) -> np.ndarray:
     """Train all K LoRAs of the bank injected in ``unet`` for ``steps`` steps; returns losses [steps, K].
 
     ``latents``: scaled latents (N×C×h×w, ``vae`` posterior means × ``scaling_factor``).
@@ -120,6 +120,10 @@ def train_lora_bank(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden
     ``max_grad_norm`` clips each LoRA's gradient separately; ``max_batch_size`` splits a step's
     K·batch_per_lora samples into chunks whose gradients are accumulated (same result, bounded
     memory). The UNet's train/eval mode is left as it is (SD's UNet has no dropout by default).
+    ``data_parallel=(rank, world_size)`` (inside an initialised ``torch.distributed`` group, e.g. a
+    Ray Train worker): every rank draws the same step batch, computes the loss of its share
+    (positions ``rank::world_size``) and the LoRA gradients are summed across ranks before the
+    identical optimiser step — the same result as one process, with the UNet work divided.
     """
     layers = list(bank_layers(unet).values())
     if not layers:
@@ -165,6 +169,10 @@ def train_lora_bank(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden
     chunk = max_batch_size or total
     losses = np.zeros((steps, num_loras), dtype=np.float64)
     progress = Progress("lora-bank", steps, "steps", every=progress_every)
+    rank, world = data_parallel or (0, 1)
+    if not 0 <= rank < world:
+        raise ValueError(f"train_lora_bank: data_parallel={data_parallel} is not (rank, world_size)")
+    mine = torch.arange(rank, total, world)
     for step in range(steps):
         idx, noise, t = [], [], []
         for k in range(num_loras):  # fixed draw order per generator: samples, noise, timesteps
@@ -174,14 +182,22 @@ def train_lora_bank(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden
         idx, noise, t = torch.cat(idx), torch.cat(noise), torch.cat(t)
         opt.zero_grad(set_to_none=True)
         step_loss = torch.zeros(num_loras, dtype=torch.float64)
-        for lo in range(0, total, chunk):
-            sl = slice(lo, lo + chunk)
+        for lo in range(0, len(mine), chunk):
+            sl = mine[lo:lo + chunk]
             loss, per_lora = bank_loss(
                 unet, noise_scheduler, latents[idx[sl]].to(device), cond[idx[sl]].to(device), step_ids[sl].to(device),
                 noise[sl].to(device, latents.dtype), t[sl].to(device), num_loras, min_snr_gamma,
                 samples_per_lora=batch_per_lora)
             loss.backward()
             step_loss += per_lora.double().cpu()
+        if world > 1:  # sum the ranks' shares: the gradient (and loss) of the whole step batch
+            import torch.distributed as dist
+
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+            dist.all_reduce(step_loss)
         if max_grad_norm is not None:
             clip_grad_norm_per_lora_(layers, max_grad_norm)
         opt.step()

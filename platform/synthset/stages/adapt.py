@@ -12,6 +12,8 @@ The k shots per class (``adapt.shots_per_class``; all images when null) are a se
 from the private split. LoRAs are grouped into banks of ``adapt.loras_per_bank``; each bank is
 one Ray task that trains its LoRAs in one batched forward (``lora.train.train_lora_bank``) and
 writes ``banks/bank-NNNN.safetensors`` atomically, so a rerun trains only the missing banks.
+TCKR's single LoRA is instead trained data-parallel with Ray Train when ``adapt.workers > 1``:
+each worker computes a share of every step and the gradients are summed (same result).
 Training a LoRA in a bank equals training it alone (tests/test_lora_bank.py), so the bank size
 and the number of parallel workers do not change the result. The stage ends by merging the banks
 into ``loras.safetensors`` and writing ``loras.json`` (LoRA id → class, real image, caption), the
@@ -69,8 +71,12 @@ def method_settings(cfg: Config) -> dict:
 
 
 def train_bank(model_path: str, images: np.ndarray, prompts: list[str], owner: np.ndarray, first_id: int,
-               num_loras: int, settings: dict, adapt: dict, out_uri: str) -> dict:
-    """Train LoRAs ``first_id … first_id + num_loras - 1`` on their images; write the bank file."""
+               num_loras: int, settings: dict, adapt: dict, out_uri: str,
+               data_parallel: tuple[int, int] | None = None) -> dict:
+    """Train LoRAs ``first_id … first_id + num_loras - 1`` on their images; write the bank file.
+
+    With ``data_parallel=(rank, world)`` (a Ray Train worker) the ranks share each step and rank 0
+    writes the file."""
     import torch
     from diffusers import DDPMScheduler
 
@@ -92,12 +98,43 @@ def train_bank(model_path: str, images: np.ndarray, prompts: list[str], owner: n
     inject_lora_bank(pipe.unet, num_loras, settings["rank"], settings["alpha"], seed=cfg.seed, first_id=first_id)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     losses = train_lora_bank(pipe.unet, scheduler, latents, cond, owner, num_loras, cfg.steps, cfg.batch_per_lora,
-                             settings["lr"], cfg.seed, cfg.min_snr_gamma, progress_every=60.0)
-    local = storage.local_path(out_uri)
-    save_bank(local if local else out_uri, pipe.unet, {"first_id": first_id, **settings})
+                             settings["lr"], cfg.seed, cfg.min_snr_gamma, progress_every=60.0,
+                             data_parallel=data_parallel)
+    if data_parallel is None or data_parallel[0] == 0:
+        save_bank(out_uri, pipe.unet, {"first_id": first_id, **settings})
     return {"bank": out_uri, "first_id": first_id, "num_loras": num_loras, "seconds": time.time() - t0,
             "loss_first": float(losses[: max(1, cfg.steps // 10)].mean()),
             "loss_last": float(losses[-max(1, cfg.steps // 10):].mean())}
+
+
+def _tckr_train_loop(config: dict) -> None:
+    """Ray Train worker: one share of every step of TCKR's single LoRA (gradients summed over ranks)."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    result = train_bank(**config["bank"], data_parallel=(ctx.get_world_rank(), ctx.get_world_size()))
+    if ctx.get_world_rank() == 0:
+        storage.write_json(config["bank"]["out_uri"] + ".json", result)
+
+
+def train_bank_data_parallel(cfg: Config, stage: StageDir, bank: dict) -> dict:
+    """TCKR: one LoRA trained data-parallel with Ray Train (``adapt.workers`` workers)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _tckr_train_loop, train_loop_config={"bank": bank},
+        scaling_config=ScalingConfig(num_workers=cfg.adapt.workers, use_gpu=cfg.adapt.use_gpu,
+                                     resources_per_worker={"CPU": cfg.adapt.cpus_per_worker}),
+        run_config=RunConfig(name=f"adapt-{stage.hash}", storage_path=_ray_storage(stage)))
+    trainer.fit()
+    return storage.read_json(bank["out_uri"] + ".json")
+
+
+def _ray_storage(stage: StageDir) -> str:
+    import os
+
+    return stage.uri if "://" in stage.uri else os.path.join(stage.uri, "ray")
 
 
 def _training_set(cfg: Config, captions_path: str | None):
@@ -154,7 +191,13 @@ def run_adapt(cfg: Config, model_path: str, captions_path: str | None = None, re
                         max_retries=2)(train_bank)
     model_ref = ray.put(model_path)
     pending, results = [], []
-    progress = Progress("adapt", len(todo), "banks", every=30.0)
+    progress = Progress("adapt", max(1, len(todo)), "banks", every=30.0)
+    if method == "tckr" and cfg.adapt.workers > 1 and todo:  # one LoRA: split each step across workers
+        bank = {"model_path": model_path, "images": images, "prompts": prompts, "owner": owner, "first_id": 0,
+                "num_loras": 1, "settings": settings, "adapt": cfg.adapt.model_dump(mode="json"),
+                "out_uri": todo[0]["uri"]}
+        results.append(train_bank_data_parallel(cfg, stage, bank))
+        todo = []
     for bk in todo:
         members = np.flatnonzero((owner >= bk["first_id"]) & (owner < bk["first_id"] + bk["num_loras"]))
         if len(pending) >= cfg.adapt.workers:  # bounded: at most `workers` banks in flight
