@@ -1,18 +1,30 @@
-"""Evaluate the Teacher and Students of a config on the real test set: `python jobs/evaluate.py --config ...`.
+"""Evaluate a config's synthetic dataset, Teacher and Students: `python jobs/evaluate.py --config ...`.
 
-Re-scores the saved classifiers (accuracy, per-class accuracy, confusion matrix) and prints a table.
+Runs the replication gate (if not done), generative metrics, LiRA when `privacy.enabled`, and writes
+`<output.root>/evaluate/<hash>/report.md` + `metrics.json` (logged to MLflow). `--rescore` only
+re-scores the saved classifiers on the real test set and prints a table.
 """
 import _path  # noqa: F401
 
-from synthset.cli import main
-from synthset.eval.report import evaluate_classifiers
+import sys
+
+from synthset.cli import main, tracked_job
 from synthset.pipeline import print_json, validate_inputs
 
 
 def work(args, cfg):
     validate_inputs(cfg)
-    print_json(evaluate_classifiers(cfg))
+    if RESCORE:
+        from synthset.eval.report import evaluate_classifiers
+
+        print_json(evaluate_classifiers(cfg))
+        return
+    from synthset.stages.evaluate import run_evaluate
+
+    with tracked_job(cfg, "evaluate") as tracker:
+        print_json(run_evaluate(cfg, not args.no_resume, tracker))
 
 
+RESCORE = "--rescore" in sys.argv
 if __name__ == "__main__":
-    main(__doc__, work)
+    main(__doc__, work, [a for a in sys.argv[1:] if a != "--rescore"])

@@ -65,6 +65,15 @@ class SplitsConfig(Section):
     public: int = Field(30_000, ge=0, description="Images that pretrain the foundation model.")
     private: int = Field(30_000, ge=10, description="The user's real data: Teacher, adaptation, membership.")
     seed: int = Field(0, ge=0)
+    holdout: int = Field(0, ge=0, description="Private images set aside as known non-members for LiRA: a seeded "
+                         "subset of the `private` pool that nothing (Teacher, captions, adaptation, Students) trains on; "
+                         "the private training split is the rest (data/splits.py). 0: none.")
+
+    @model_validator(mode="after")
+    def _holdout_fits(self):
+        if self.holdout and self.private - self.holdout < 10:
+            raise ValueError(f"holdout ({self.holdout}) must leave >= 10 of the {self.private} private images to train on")
+        return self
 
 
 class CaptionConfig(Section):
@@ -245,6 +254,74 @@ class LabelConfig(Section):
     actors: ActorsConfig = ActorsConfig()
 
 
+class PrivacyConfig(Section):
+    """The ``privacy`` section: LiRA membership inference (Carlini et al. 2022), see ``stages/privacy.py``."""
+
+    enabled: bool = Field(False, description="Run LiRA in the evaluation (opt-in: it trains num_shadows models "
+                          "per shadow mode).")
+    shadow_modes: list[Literal["classifier", "pipeline"]] = Field(
+        ["classifier"], min_length=1, description="Shadows for Student targets: 'classifier' = the target's "
+        "architecture with the Teacher's recipe on real halves (TCKR's notebook); 'pipeline' = per half: Teacher "
+        "recipe → re-label the synthetic dataset → Student recipe (the faithful attack for generators that do not "
+        "read the private data). The Teacher target always uses 'classifier'.")
+    pipeline_labels: list[Literal["soft", "hard"]] = Field(
+        ["soft", "hard"], min_length=1, description="Student label kinds attacked with 'pipeline' shadows (a hard-label "
+        "Student of a generator that does not read the private data never sees it: its pipeline shadows only re-seed "
+        "the Student, a chance-level check).")
+    num_shadows: int = Field(16, ge=4, description="Shadow models (even); each candidate is IN for half of them.")
+    num_candidates: int | None = Field(
+        1000, ge=2, description="Private images whose membership is attacked. With data.splits.holdout > 0: half "
+        "from the holdout (OUT of every target), half from the private training split (IN); None: 2 × holdout. "
+        "Without a holdout (leave-one-out over shadows): drawn from the private split; None: all of it.")
+    seed: int = Field(0, ge=0, description="Seeds the candidate draw, the keep matrix and every shadow's training.")
+    query_shift: int = Field(1, ge=0, le=8, description="Query augmentations: identity plus shifts by ± this many "
+                             "pixels in x and y (0: identity only).")
+    query_flip: bool = Field(False, description="Also query the horizontal flip of every view.")
+    cpus_per_shadow: float = Field(1, gt=0, description="Ray CPUs per shadow task (also its torch threads).")
+    gpus_per_shadow: float = Field(0, ge=0, description="Ray GPUs per shadow task (fractions pack several per GPU).")
+
+    @model_validator(mode="after")
+    def _even(self):
+        if self.num_shadows % 2:
+            raise ValueError(f"num_shadows: must be even so every candidate is IN for exactly half (got {self.num_shadows})")
+        return self
+
+
+class ReplicationConfig(Section):
+    """The ``replication`` gate between labelling and the Student (``stages/evaluate.py``, ``eval/replication.py``)."""
+
+    enabled: bool = Field(True, description="Check every synthetic image against the private training images.")
+    metric: Literal["tiled_l2", "cosine"] = Field("tiled_l2", description="tiled_l2: max-over-tiles RMS pixel "
+                                                  "distance (Carlini et al. 2023); cosine: in the `features` space.")
+    tile: int = Field(8, ge=1, description="Tile size in pixels for tiled_l2 (must divide data.image_size).")
+    reduce: Literal["max", "mean"] = "max"
+    features: str = Field("teacher", min_length=1, description="Encoder for metric=cosine: 'teacher' (its "
+                          "penultimate features) or a transformers image model (hub id or local directory).")
+    quantile: float = Field(0.01, gt=0, lt=1, description="Threshold = this quantile of the private images' "
+                            "distances to their nearest other private image (calibrated per run).")
+    threshold: float | None = Field(None, description="Fixed threshold instead of the calibration.")
+    calibration_size: int | None = Field(5000, ge=2, description="Private images used to calibrate (seeded); None: all.")
+    action: Literal["flag", "drop"] = Field("flag", description="flag: record copies in the audit; drop: also "
+                                            "remove them from the dataset the Student trains on.")
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
+class EvaluateConfig(Section):
+    """The ``evaluate`` section: generative metrics, replication statistics, LiRA and the report per dataset."""
+
+    enabled: bool = Field(True, description="Run the evaluation at the end of the pipeline.")
+    features: str = Field("teacher", min_length=1, description="Feature space of FID/KID/PRDC/diversity: "
+                          "'teacher' (its penultimate features) or a transformers image model (Inception, DINOv2) "
+                          "by hub id or local directory.")
+    sample_size: int = Field(2000, ge=10, description="Synthetic and private images (each, seeded) for the "
+                             "generative metrics.")
+    kid_subsets: int = Field(50, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    prdc_k: int = Field(5, ge=1)
+    grid_per_class: int = Field(10, ge=1, description="Samples per class in the report's grid.")
+    seed: int = Field(0, ge=0)
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     output: OutputConfig = OutputConfig()
@@ -257,12 +334,18 @@ class Config(Section):
     teacher: ClassifierConfig = ClassifierConfig()
     label: LabelConfig = LabelConfig()
     student: StudentConfig = StudentConfig()
+    replication: ReplicationConfig = ReplicationConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.foundation.path is None and self.foundation.arch.image_size != self.data.image_size:
             raise ValueError(f"foundation.arch.image_size ({self.foundation.arch.image_size}) must equal "
                              f"data.image_size ({self.data.image_size})")
+        rep = self.replication
+        if rep.enabled and rep.metric == "tiled_l2" and self.data.image_size % rep.tile:
+            raise ValueError(f"replication.tile ({rep.tile}) must divide data.image_size ({self.data.image_size})")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -281,7 +364,11 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
               "synthesis.caption_template"),
     "synthesis": ("data", "foundation", "adapt", "synthesis", "run.seed"),
     "label": ("data", "foundation", "adapt", "synthesis", "run.seed", "teacher", "label"),
-    "student": ("data", "foundation", "adapt", "synthesis", "run.seed", "teacher", "label", "student"),
+    "replication": ("data", "foundation", "adapt", "synthesis", "run.seed", "teacher", "label", "replication"),
+    # ``replication`` enters the Student's hash only with action=drop (see stage_hash).
+    "student": ("data", "foundation", "adapt", "synthesis", "run.seed", "teacher", "label", "replication", "student"),
+    "evaluate": ("data", "foundation", "adapt", "synthesis", "run.seed", "teacher", "label", "replication", "student",
+                 "evaluate", "privacy"),
 }
 # Settings that only some methods read; left out of the hashes of the others.
 _METHOD_ONLY = {"adapt": ("tckr", "datadream", "loft"), "synthesis.fusion": ("loft",),
@@ -293,7 +380,8 @@ _METHOD_ONLY = {"adapt": ("tckr", "datadream", "loft"), "synthesis.fusion": ("lo
 # in: on CPU, a different batch size can change a pixel by one grey level (tests/test_synthesis_resume.py).
 EXECUTION_ONLY = ("synthesis.actors", "label.batch_size", "label.actors",
                   "teacher.in_memory_limit", "student.in_memory_limit",
-                  "data.caption.actors", "data.caption.batch_size", "data.caption.part_size")
+                  "data.caption.actors", "data.caption.batch_size", "data.caption.part_size",
+                  "replication.device", "evaluate.enabled", "privacy.cpus_per_shadow", "privacy.gpus_per_shadow")
 
 
 def _has(d: dict, dotted: str) -> bool:
@@ -322,6 +410,10 @@ def stage_hash(cfg: Config, stage: str, extra: Any = None) -> str:
     if cfg.foundation.path is not None:  # a given model: its architecture/pretraining don't matter
         d["foundation"] = {"path": cfg.foundation.path}
     drop = list(EXECUTION_ONLY) + [k for k, methods in _METHOD_ONLY.items() if cfg.synthesis.method not in methods]
+    if cfg.data.splits.holdout == 0:  # configs without a holdout keep the hashes they had before it existed
+        drop.append("data.splits.holdout")
+    if stage == "student" and not (cfg.replication.enabled and cfg.replication.action == "drop"):
+        drop.append("replication")  # flagging does not change what the Student trains on
     for dotted in drop:
         *parents, key = dotted.split(".")
         (_dig(d, ".".join(parents)) if parents else d).pop(key, None)

@@ -10,6 +10,12 @@ the public split would already fit the private data and no adaptation could help
 default therefore makes the gap real: ``data.public_shift`` transforms the public images only
 (``shift_images``) and ``data.public_classes`` can hold classes out of them. Private and test
 images are never transformed.
+
+``data.splits.holdout`` sets private images aside as known non-members for membership inference
+(``holdout_indices``): a seeded random subset of the private pool (generator seeded with
+``[data.splits.seed, 7]``) becomes ``Splits.holdout``, and ``Splits.private`` — what the Teacher,
+captioning, adaptation and everything else trains on — is the rest of the pool. With ``holdout: 0``
+the private indices are exactly those without the feature.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class Splits:
     private_index: np.ndarray
     public_shift: str = "none"
     public_unshifted: ImageSet | None = None  # the public images before ``public_shift``
+    holdout: ImageSet | None = None  # private images nothing trains on (data.splits.holdout), else None
+    holdout_index: np.ndarray | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -50,6 +58,7 @@ class Splits:
         return {"public": self.public_index.tolist(), "private": self.private_index.tolist(),
                 "test": "official test set", "class_names": self.class_names,
                 "public_shift": self.public_shift,
+                "holdout": [] if self.holdout_index is None else self.holdout_index.tolist(),
                 "public_classes": sorted({self.class_names[c] for c in np.unique(self.public.labels)},
                                          key=self.class_names.index)}
 
@@ -61,6 +70,20 @@ def split_indices(n_train: int, public: int, private: int, seed: int) -> tuple[n
                          f"{n_train} training images of the source")
     perm = np.random.default_rng(seed).permutation(n_train)
     return np.sort(perm[:public]), np.sort(perm[public:public + private])
+
+
+def holdout_indices(private_pool: np.ndarray, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(private training indices, holdout indices): a seeded random ``holdout`` of the pool, both sorted.
+
+    The draw uses its own generator (``[seed, 7]``), so the pool itself, and with ``holdout == 0``
+    the private split, are exactly ``split_indices``'s.
+    """
+    if holdout == 0:
+        return private_pool, private_pool[:0]
+    if holdout >= len(private_pool):
+        raise ValueError(f"data.splits.holdout: {holdout} leaves none of the {len(private_pool)} private images")
+    held = np.sort(np.random.default_rng([seed, 7]).choice(private_pool, holdout, replace=False))
+    return np.setdiff1d(private_pool, held), held
 
 
 def load_source(cfg: DataConfig, cache_dir: str | Path = "~/.cache/synthset/fashion-mnist") -> tuple[ImageSet, ImageSet]:
@@ -122,13 +145,15 @@ def public_class_ids(cfg: DataConfig, class_names: list[str]) -> list[int]:
 def make_splits(cfg: DataConfig) -> Splits:
     train, test = load_source(cfg)
     pub, priv = split_indices(len(train), cfg.splits.public, cfg.splits.private, cfg.splits.seed)
+    priv, held = holdout_indices(priv, cfg.splits.holdout, cfg.splits.seed)
     empty = [train.class_names[c] for c in range(len(train.class_names)) if not (train.labels[priv] == c).any()]
     if empty:
         raise ValueError(f"data.splits.private: no images of class(es) {empty}; increase data.splits.private")
     pub = pub[np.isin(train.labels[pub], public_class_ids(cfg, train.class_names))]
     original = train.subset(pub)
     public = ImageSet(shift_images(original.images, cfg.public_shift), original.labels, original.class_names)
-    return Splits(public, train.subset(priv), test, pub, priv, cfg.public_shift, original)
+    return Splits(public, train.subset(priv), test, pub, priv, cfg.public_shift, original,
+                  train.subset(held) if len(held) else None, held if len(held) else None)
 
 
 def write_splits(splits: Splits, path: str | Path) -> None:
