@@ -7,6 +7,7 @@ import _path  # noqa: F401
 from synthset.cli import main, tracked_job
 from synthset.pipeline import print_json, validate_inputs
 from synthset.stages.classifier import run_student
+from synthset.stages.evaluate import student_training_set
 from synthset.stages.synthesize import label_dir
 
 
@@ -16,8 +17,10 @@ def work(args, cfg):
     if not labelled.is_complete():
         raise FileNotFoundError(f"labelled dataset for this config not found at {labelled.uri}: run jobs/label.py first")
     with tracked_job(cfg, "train_student") as tracker:
+        # The replication gate runs (or is reused) first: with action=drop, near-copies never reach a Student.
+        dataset = student_training_set(cfg, labelled.summary()["dataset"], not args.no_resume, tracker)
         for labels in cfg.student.labels:
-            print_json(run_student(cfg, labelled.summary()["dataset"], labels, tracker))
+            print_json(run_student(cfg, dataset, labels, tracker))
 
 
 if __name__ == "__main__":
