@@ -15,6 +15,20 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 from synthset.config import load_config  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch and one BLAS thread for a module of small-tensor tests: more threads only add
+    contention on a shared CPU (up to 60x slower small matmuls seen here)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     """``conf/tiny.yaml`` writing under a temporary directory."""

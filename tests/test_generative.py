@@ -11,16 +11,7 @@ from synthset.eval.generative import (FeatureStats, diversity, extract_features,
                                       kid, knn_radii, per_class_fid, polynomial_mmd2, prdc, recognizability)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    """Small matrices: threaded BLAS only adds contention on a shared CPU (60× slower here)."""
-    from threadpoolctl import threadpool_limits
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_rotation(d: int, seed: int) -> np.ndarray:

@@ -13,16 +13,7 @@ from synthset.eval.lira import (keep_matrix, lira_leave_one_out, lira_offline, l
                                 plot_roc_loglog, roc_curve, roc_metrics, tpr_at_fpr)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    """Small matrices: threaded BLAS only adds contention on a shared CPU (60× slower here)."""
-    from threadpoolctl import threadpool_limits
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def norm_cdf(z: float) -> float:

@@ -14,13 +14,7 @@ from synthset.lora.bank import (LoraBankLinear, add_peft_adapter, bank_from_mode
 from synthset.lora.train import train_lora_bank
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and CI machines are shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ K, FIRST = 4, 100  # global LoRA ids 100..103
 PAIRS = [((100, 101), 0.5), ((102, 100), 0.2), ((103, 102), 0.9), ((101, 103), 0.0)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and CI machines are shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

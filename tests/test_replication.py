@@ -15,16 +15,7 @@ from synthset.eval.replication import (ReplicationGate, as_unit_images, calibrat
                                        nearest_tiled_l2, replication_gate, to_tiles, write_audit)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    """Small matrices: threaded BLAS only adds contention on a shared CPU (60× slower here)."""
-    from threadpoolctl import threadpool_limits
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
