@@ -1,6 +1,5 @@
 import gzip
 import struct
-import time
 
 import numpy as np
 import pytest
@@ -34,12 +33,10 @@ def test_truncated_idx_is_named(tmp_path):
 
 def test_missing_dataset_names_every_place_tried(tmp_path, monkeypatch):
     monkeypatch.setattr("synthset.data.sources.DEBIAN_DIR", str(tmp_path / "no-debian"))
-    t0 = time.time()
     with pytest.raises(FileNotFoundError) as err:
         locate_fashion_mnist(str(tmp_path / "nowhere"), download=False, cache_dir=tmp_path / "cache")
     msg = str(err.value)
     assert "nowhere" in msg and "no-debian" in msg and "download" in msg and "dataset-fashion-mnist" in msg
-    assert time.time() - t0 < 5
 
 
 def test_configured_directory_is_used(tmp_path):
