@@ -138,6 +138,8 @@ def _run_shard_pool(tasks: list[dict], actor_cls, actor_kwargs: dict, actors: Ac
                         num_cpus=actors.num_cpus, num_gpus=actors.num_gpus or None,
                         # A dead actor is recreated and its shard redone on the replacement:
                         # shards are deterministic and written atomically, so a retry is harmless.
+                        # Ray 2.60 takes these only as remote args (deprecated for 2.64, which
+                        # has no named replacement yet): revisit on upgrade.
                         max_restarts=actors.max_restarts, max_task_retries=actors.max_task_retries)
     progress = Progress(name, images_total, "images", every=5.0)
     progress.done = images_done
