@@ -86,3 +86,18 @@ def test_dry_run_prints_resolved_config_and_does_no_work(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "guidance_scale" in proc.stdout and "stage" not in proc.stderr
     assert not root.exists()
+
+
+def test_extends_merges_sections_over_the_base_and_rejects_cycles(tmp_path):
+    (tmp_path / "base.yaml").write_text("run: {name: base, seed: 3}\nsynthesis: {images_per_class: 7, batch_size: 5}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nrun: {name: child}\nsynthesis: {method: loft}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["synthesis.batch_size=9"])
+    assert (cfg.run.name, cfg.run.seed) == ("child", 3)
+    assert (cfg.synthesis.method, cfg.synthesis.images_per_class, cfg.synthesis.batch_size) == ("loft", 7, 9)
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ValueError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(FileNotFoundError, match="missing.yaml.*extended by"):
+        load_config(tmp_path / "orphan.yaml")

@@ -457,19 +457,42 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML config as a dict; ``extends: other.yaml`` (relative to this file) is merged under it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}" + (f" (extended by {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise ValueError(f"invalid config ({path}): 'extends' cycle through {', '.join(map(str, seen))}")
+    loaded = yaml.safe_load(path.read_text())
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ValueError(f"invalid config ({path}): top level must be a mapping")
+    raw = loaded or {}
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ValueError(f"invalid config ({path}): extends must be a file name")
+    return _merge(_read_yaml(path.parent / base, (*seen, path.resolve())), raw)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load YAML (or the built-in defaults when ``path`` is None), apply overrides, validate."""
+    """Load YAML (or the built-in defaults when ``path`` is None), apply overrides, validate.
+
+    A file may start from another with ``extends: <file>`` (path relative to it): its keys are
+    merged over the base's, section by section.
+    """
     raw: dict = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
         source = str(path)
-        loaded = yaml.safe_load(path.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"invalid config ({source}): top level must be a mapping")
-        raw = loaded or {}
+        raw = _read_yaml(Path(path))
     raw = apply_overrides(raw, overrides or [])
     try:
         return Config.model_validate(raw)
