@@ -36,21 +36,17 @@ from synthset.config import load_config  # noqa: E402
 from synthset.data.sources import FASHION_MNIST_CLASSES  # noqa: E402
 from synthset.lora.bank import add_peft_adapter, bank_from_model, inject_lora_bank  # noqa: E402
 from synthset.lora.fused import fused_generate  # noqa: E402
-from synthset.methods.class_prompt import generate_batch, plan_requests  # noqa: E402
-from synthset.methods.plan import derive_seed  # noqa: E402
+from synthset.methods import PlanContext  # noqa: E402
+from synthset.methods import plan_requests as plan_methods  # noqa: E402
+from synthset.methods.class_prompt import generate_batch  # noqa: E402
 from synthset.models.foundation import build_foundation  # noqa: E402
 
 
 def loft_requests(n: int, run_seed: int, class_names: list[str], prompt_template: str, loras_per_class: int) -> list[dict]:
-    """ClassPrompt requests plus, per image, a same-class LoRA pair and λ drawn from its own seed."""
-    rows = plan_requests(0, n, run_seed, class_names, prompt_template)
-    for r in rows:
-        g = torch.Generator().manual_seed(derive_seed(run_seed + 1, r["index"]))
-        i, j = torch.randperm(loras_per_class, generator=g)[:2].tolist()
-        lam = float(torch.rand((), generator=g))
-        base = r["class_id"] * loras_per_class
-        r.update(method="loft", lora_ids=[base + i, base + j], lora_weights=[lam, 1 - lam])
-    return rows
+    """The LoFT plan (``methods.loft``) over ``loras_per_class`` LoRAs per class, λ ~ Beta(1, 1) = U(0, 1)."""
+    loras = {c: list(range(c * loras_per_class, (c + 1) * loras_per_class)) for c in range(len(class_names))}
+    context = PlanContext(class_names, prompt_template, loras=loras, fusion={"mode": "pair", "beta_alpha": 1.0})
+    return plan_methods("loft", 0, n, run_seed, context)
 
 
 def main() -> None:
