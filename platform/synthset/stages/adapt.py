@@ -189,7 +189,6 @@ def run_adapt(cfg: Config, model_path: str, captions_path: str | None = None, re
     t0 = time.time()
     remote = ray.remote(num_cpus=cfg.adapt.cpus_per_worker, num_gpus=1 if cfg.adapt.use_gpu else 0,
                         max_retries=2)(train_bank)
-    model_ref = ray.put(model_path)
     pending, results = [], []
     progress = Progress("adapt", max(1, len(todo)), "banks", every=30.0)
     if method == "tckr" and cfg.adapt.workers > 1 and todo:  # one LoRA: split each step across workers
@@ -204,7 +203,7 @@ def run_adapt(cfg: Config, model_path: str, captions_path: str | None = None, re
             done, pending = ray.wait(pending, num_returns=1)
             results += ray.get(done)
             progress.update(1)
-        pending.append(remote.remote(model_ref, images[members], [prompts[i] for i in members],
+        pending.append(remote.remote(model_path, images[members], [prompts[i] for i in members],
                                      owner[members] - bk["first_id"], bk["first_id"], bk["num_loras"], settings,
                                      cfg.adapt.model_dump(mode="json"), bk["uri"]))
     for r in ray.get(pending):
@@ -222,14 +221,13 @@ def run_adapt(cfg: Config, model_path: str, captions_path: str | None = None, re
                        for i, (p, r, c) in enumerate(zip(positions, real_index, labels))]}
     storage.write_json(stage.path("loras.json"), table)
     seconds = time.time() - t0
+    losses = {k: float(np.mean([r[k] for r in results])) if results else None for k in ("loss_first", "loss_last")}
     if tracker is not None and results:
-        tracker.log_metrics({"adapt_loss_first": float(np.mean([r["loss_first"] for r in results])),
-                             "adapt_loss_last": float(np.mean([r["loss_last"] for r in results]))})
+        tracker.log_metrics({f"adapt_{k}": v for k, v in losses.items()})
     summary = stage.complete({"loras": stage.path("loras.safetensors"), "table": stage.path("loras.json"),
                               "method": method, "num_loras": num_loras, "rank": settings["rank"],
                               "shots": len(images), "banks_trained_now": len(results), "seconds": seconds,
-                              "loss_first": float(np.mean([r["loss_first"] for r in results])) if results else None,
-                              "loss_last": float(np.mean([r["loss_last"] for r in results])) if results else None})
+                              **losses})
     print(f"[adapt] {len(results)} bank(s) trained in {seconds:.0f}s → {stage.path('loras.safetensors')}")
     return summary
 
