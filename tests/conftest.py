@@ -47,6 +47,56 @@ def tiny_pipeline_dir(tmp_path_factory):
     return path
 
 
+def assert_close_scaled(actual, expected, *, rtol: float = 1e-4, scale_atol: float = 1e-5, msg=None) -> None:
+    """``torch.testing.assert_close`` with ``atol = scale_atol · max|expected|`` (tensors or arrays).
+
+    float32 results of the same maths in another order (batched vs per-sample GEMMs, chunked sums,
+    another CPU's kernels) differ by rounding relative to the magnitudes summed, not to each element:
+    an element near zero can be off by ~1e-6 · max|x|, which a fixed atol (1e-6) or a purely
+    relative test rejects on an unlucky machine. The defaults suit one float32 forward pass (seen:
+    ≤ 2e-6 · max|x|); a wrong LoRA or a 1 % scale error moves most elements by ≥ 1e-3 · max|x|.
+    """
+    import torch
+
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=scale_atol * scale, msg=msg)
+
+
+def assert_adam_close(actual, expected, *, lr: float, steps: int, rtol: float = 1e-4, scale_atol: float = 1e-5,
+                      max_outliers: float = 0.01, label: str = "") -> None:
+    """Parameters trained by Adam(W) for ``steps`` steps (peak ``lr``) from one start on gradients that
+    differ only by float32 rounding (bank vs solo, chunked vs whole step, gloo all-reduce vs one process).
+
+    ``actual``/``expected``: tensors or equal-length sequences of tensors (e.g. every LoRA factor of a
+    bank), compared elementwise with ``rtol`` and ``scale_atol · max|expected|`` per tensor. Adam steps
+    by m̂/(√v̂ + ε), ε = 1e-8: an element whose gradient sits at the rounding floor can move anywhere in
+    ±lr on one side and not the other, so however correct the code a few elements (seen: ≤ 0.15 %)
+    differ by up to lr per step — at most 2·lr·steps in all (|m̂/√v̂| ≤ 1.01 for the first few steps,
+    by Cauchy-Schwarz over the moment averages). Hence: at most ``max_outliers`` of all elements
+    outside the rounding tolerance and none beyond that bound. A real bug (another LoRA's samples, a
+    loss weight or lr off by 1 %) moves most elements of the LoRA it touches and fails.
+    """
+    import torch
+
+    if isinstance(actual, torch.Tensor) or not isinstance(actual, (list, tuple)):
+        actual, expected = [actual], [expected]
+    if len(actual) != len(expected):
+        raise ValueError(f"assert_adam_close: {len(actual)} tensors vs {len(expected)}")
+    outliers = total = 0
+    worst = 0.0
+    for a, e in zip(actual, expected):
+        a, e = torch.as_tensor(a).double(), torch.as_tensor(e).double()
+        assert a.shape == e.shape, (label, tuple(a.shape), tuple(e.shape))
+        diff = (a - e).abs()
+        tol = rtol * e.abs() + scale_atol * float(e.abs().max())
+        outliers += int((diff > tol).sum())
+        total += e.numel()
+        worst = max(worst, float(diff.max()))
+    assert outliers <= max_outliers * total, f"{label}: {outliers}/{total} elements differ beyond rounding"
+    assert worst <= 2 * lr * steps, f"{label}: an element differs by {worst:.3g} > 2·lr·steps = {2 * lr * steps:.3g}"
+
+
 def have_fashion_mnist() -> bool:
     from synthset.data.sources import DEBIAN_DIR
 

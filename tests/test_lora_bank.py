@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_adam_close, assert_close_scaled
 from synthset.lora.bank import (LoraBankLinear, add_peft_adapter, bank_from_model, bank_layers, clear_routing,
                                 inject_lora_bank, load_bank, load_bank_into, merge_bank_files, merge_banks,
                                 remove_lora_bank, routing, save_bank, set_routing)
@@ -47,10 +48,6 @@ def _randomize_b(layers, seed=1):
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
 
 
-def _rel(x, y) -> float:
-    return float((x - y).norm() / y.norm().clamp(min=1e-12))
-
-
 def test_bank_training_equals_separate_training(base_unet, noise_scheduler):
     """THE key property: K LoRAs trained in one bank == each trained alone with the same seeds."""
     k_loras, steps = 3, 4
@@ -73,15 +70,16 @@ def test_bank_training_equals_separate_training(base_unet, noise_scheduler):
         solo_losses = train_lora_bank(solo_unet, noise_scheduler, x[mine], cond[mine], torch.zeros(int(mine.sum())),
                                       num_loras=1, **kw)
         solo = bank_from_model(solo_unet)
-        torch.testing.assert_close(torch.tensor(solo_losses[:, 0]), torch.tensor(losses[:, k]), rtol=1e-4, atol=1e-6)
+        # Losses are means of positive squared errors (no cancellation): float32 rounding is ~1e-7 relative.
+        assert_close_scaled(solo_losses[:, 0], losses[:, k])
         for name, (a, b) in bank.layers.items():
-            sa, sb = solo.layers[name]
             assert b[k].abs().max() > 0, "training must move B away from its zero init"
-            # Batched and solo forwards round differently (CPU GEMMs block by batch size) and Adam
-            # turns near-zero gradient noise into ±lr steps on a few elements, so compare norms:
-            # a wrong draw gives O(1) differences, global instead of per-LoRA clipping ~5e-2; we see ≤ 1e-4.
-            assert _rel(sa[0], a[k]) < 1e-3, (name, "A", _rel(sa[0], a[k]))
-            assert _rel(sb[0], b[k]) < 1e-3, (name, "B", _rel(sb[0], b[k]))
+        # Batched and solo forwards round differently (CPU GEMMs block by batch size) and Adam turns
+        # gradient noise at its ε floor into up-to-±lr steps on a few elements (here ≤ 3 of 3840);
+        # a wrong draw or global instead of per-LoRA clipping moves most elements.
+        assert_adam_close([solo.layers[name][i][0] for name in bank.layers for i in (0, 1)],
+                          [bank.layers[name][i][k] for name in bank.layers for i in (0, 1)],
+                          lr=kw["lr"], steps=steps, label=f"LoRA {k}")
 
 
 def test_chunked_steps_equal_whole_steps(base_unet, noise_scheduler):
@@ -93,9 +91,11 @@ def test_chunked_steps_equal_whole_steps(base_unet, noise_scheduler):
         train_lora_bank(unet, noise_scheduler, x, cond[:1], torch.arange(4), num_loras=4, steps=2, batch_per_lora=2,
                         lr=1e-2, max_batch_size=max_batch, progress_every=1e9)
         results.append(bank_from_model(unet))
-    for name, (a, b) in results[0].layers.items():
-        torch.testing.assert_close(results[1].layers[name][0], a, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(results[1].layers[name][1], b, rtol=1e-4, atol=1e-6)
+    # Chunks accumulate gradients in another order; Adam may turn that into up-to-±lr steps on a
+    # few elements (seen ≤ 6 of 15360, up to 2.6e-4 = 0.03·lr), the rest agree to rounding.
+    whole, chunked = results
+    assert_adam_close([chunked.layers[name][i] for name in whole.layers for i in (0, 1)],
+                      [whole.layers[name][i] for name in whole.layers for i in (0, 1)], lr=1e-2, steps=2)
 
 
 def test_training_rejects_bad_input(base_unet, noise_scheduler):
@@ -273,7 +273,7 @@ def test_peft_adapter_from_bank_matches_a_single_lora(base_unet):
         with routing(unet, [[1], [1]]):
             ours = unet(x, t, encoder_hidden_states=cond).sample
         theirs = ref(x, t, encoder_hidden_states=cond).sample
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert_close_scaled(ours, theirs)  # one forward, LoRA computed in another order: rounding only
     assert isinstance(next(iter(bank_layers(unet).values())), LoraBankLinear)
 
 
@@ -315,9 +315,9 @@ def test_data_parallel_training_equals_one_process(base_unet, noise_scheduler, t
     losses = train_lora_bank(unet, noise_scheduler, x, cond, torch.zeros(6), num_loras=1, steps=3, batch_per_lora=4,
                              lr=2e-2, seed=7, progress_every=1e9)
     one, dp = bank_from_model(unet), load_bank(tmp_path / "dp.safetensors")
-    assert np.allclose(losses, np.load(tmp_path / "dp_losses.npy"), rtol=1e-4)
-    moved = 0.0
-    for name, (a, b) in one.layers.items():
-        assert _rel(dp.layers[name][0], a) < 1e-3 and _rel(dp.layers[name][1], b) < 1e-3
-        moved += float(b.abs().sum())
+    assert_close_scaled(np.load(tmp_path / "dp_losses.npy"), losses)  # positive means: ~1e-7 relative rounding
+    # The all-reduce sums the ranks' gradients in another order: Adam outliers on a few elements (seen ≤ 2 of 7680).
+    assert_adam_close([dp.layers[name][i] for name in one.layers for i in (0, 1)],
+                      [one.layers[name][i] for name in one.layers for i in (0, 1)], lr=2e-2, steps=3)
+    moved = sum(float(b.abs().sum()) for _, b in one.layers.values())
     assert moved > 0  # training moved B off zero, so the comparison is not between two zero tensors
