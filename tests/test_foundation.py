@@ -32,6 +32,8 @@ def test_each_image_depends_only_on_its_request(tiny_pipeline_dir):
     requests = plan_requests(0, 6, 0, NAMES, "a photo of a {class}")
     together = generate_batch(pipe, requests, 2, 2.0)
     alone = generate_batch(pipe, requests[3:4], 2, 2.0)
+    # ±1 grey level: batched vs alone GEMMs round differently (~1e-5 relative, ≪ 1/255), which can
+    # tip a pixel over one uint8 boundary, never two.
     assert np.abs(together[3].astype(int) - alone[0].astype(int)).max() <= 1
     assert not np.array_equal(together[0], together[1])
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_close_scaled
 from synthset.lora.bank import add_peft_adapter, bank_from_model, inject_lora_bank, routing
 from synthset.lora.fused import fused_generate, request_routing
 from synthset.methods.class_prompt import generate_batch
@@ -58,12 +59,14 @@ def test_each_sample_gets_its_own_pair_and_lambda(pipes):
         for i, (pair, lam) in enumerate(PAIRS):
             _set_pair(ref.unet, pair, lam)
             want = ref.unet(x[i:i + 1], t[i:i + 1], encoder_hidden_states=cond[i:i + 1]).sample
-            torch.testing.assert_close(fused[i:i + 1], want, rtol=1e-4, atol=1e-5)
+            # One forward, batched vs alone and fused vs peft: rounding only (seen ≤ 1.6e-6·max|x|);
+            # a 1 % error in λ or the LoRA scale is ≥ 1.6e-3·max|x|.
+            assert_close_scaled(fused[i:i + 1], want)
             j = r + i
             want2 = ref.unet(x2[j:j + 1], t2[j:j + 1], encoder_hidden_states=cond2[j:j + 1]).sample
-            torch.testing.assert_close(fused_cfg[j:j + 1], want2, rtol=1e-4, atol=1e-5)
+            assert_close_scaled(fused_cfg[j:j + 1], want2)
             want1 = ref.unet(x2[i:i + 1], t2[i:i + 1], encoder_hidden_states=cond2[i:i + 1]).sample
-            torch.testing.assert_close(fused_cfg[i:i + 1], want1, rtol=1e-4, atol=1e-5)
+            assert_close_scaled(fused_cfg[i:i + 1], want1)
             alone.append(want)
         ref.unet.disable_adapters()
         base = ref.unet(x, t, encoder_hidden_states=cond).sample
@@ -85,6 +88,7 @@ def test_fused_generate_matches_one_image_per_set_adapters_call(pipes):
     for i, req in enumerate(requests[:len(PAIRS)]):
         _set_pair(ref.unet, req["lora_ids"], req["lora_weights"][0])
         want = generate_batch(ref, [req], num_inference_steps=3, guidance_scale=2.0)[0]
+        # ±1 grey level: float32 rounding (~1e-5 relative, ≪ 1/255) can tip a pixel over one uint8 boundary, not two.
         assert np.abs(images[i].astype(int) - want.astype(int)).max() <= 1, req["key"]
     ref.unet.set_adapters(["lora_103"], [1.0])
     want = generate_batch(ref, [requests[-2]], num_inference_steps=3, guidance_scale=2.0)[0]
