@@ -43,6 +43,8 @@ def test_tiled_l2_matches_brute_force_and_ignores_chunking(reduce):
     rng = np.random.default_rng(0)
     q, r = rng.random((9, 1, 8, 8)).astype(np.float32), rng.random((13, 1, 8, 8)).astype(np.float32)
     d = brute_tiled(q, r, 4, reduce)
+    # Pixels in [0, 1], so distances are ≤ 1 and atol 1e-5 is relative to that scale: float32's
+    # |q|² + |r|² − 2q·r rounds them by ≲ 3e-7 here, and the nearest two differ by ≥ 5e-5 (so idx is exact).
     for chunk in (4, 1024):
         idx, dist = nearest_tiled_l2(q, r, tile=4, reduce=reduce, chunk=chunk)
         np.testing.assert_array_equal(idx, d.argmin(1))
@@ -92,7 +94,7 @@ def test_calibration_is_the_private_nn_quantile(digits):
     x = as_unit_images(private)
     d = brute_tiled(x[:60], x, 4, "max")  # spot-check 60 rows of the NN distances against brute force
     d[np.arange(60), np.arange(60)] = np.inf
-    np.testing.assert_allclose(gate.nn_scores[:60], d.min(1), atol=1e-5)
+    np.testing.assert_allclose(gate.nn_scores[:60], d.min(1), atol=1e-5)  # distances ≤ 1, rounding ≲ 3e-7
     assert gate.threshold == pytest.approx(np.quantile(gate.nn_scores, 0.05))
     assert np.mean(gate.nn_scores <= gate.threshold) == pytest.approx(0.05, abs=0.01)
     assert calibrate_threshold(np.array([0.9, 0.5, 0.1]), "cosine", 0.5) == pytest.approx(0.5)
@@ -142,7 +144,7 @@ def test_gate_in_a_classifier_feature_space(digits):
     gate = ReplicationGate(private, metric="cosine", feature_fn=model.embed, quantile=0.01)
     result = gate.check(["copy", "other"], np.stack([private[7], held_out[0]]))
     assert result.is_copy[0] and result.real_index[0] == 7
-    assert result.score[0] == pytest.approx(1.0, abs=1e-5)
+    assert result.score[0] == pytest.approx(1.0, abs=1e-5)  # a unit vector·itself over 32 float32 terms: ~1e-7
 
 
 def test_gate_rejects_bad_input(digits):
