@@ -199,6 +199,10 @@ class AdaptConfig(Section):
     rank: int | None = Field(None, ge=1, le=256, description="LoRA rank; null: the method's own "
                              "(TCKR 4, DataDream 16, LoFT 2)")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; null: equal to the rank")
+    targets: Literal["attention", "transformer", "locon"] | list[str] | None = Field(
+        None, description="UNet modules the LoRAs adapt: 'attention' (to_q/k/v/out, the seeds' choice), "
+        "'transformer' (every linear layer of the transformer blocks), 'locon' (those plus the ResNet and "
+        "resampling convolutions), or a list of module names; null: the method's own")
     steps: int = Field(300, ge=1, description="Optimiser steps per LoRA")
     lr: float | None = Field(None, gt=0, le=1, description="AdamW learning rate (cosine); null: the method's own")
     batch_per_lora: int = Field(4, ge=1, description="Samples per LoRA per step")

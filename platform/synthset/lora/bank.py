@@ -2,7 +2,10 @@
 
 A *bank* replaces each targeted ``nn.Linear`` of a UNet (by default the attention projections
 ``to_q``, ``to_k``, ``to_v``, ``to_out.0``, as in LoFT) with a ``LoraBankLinear`` that holds K
-low-rank adapters as stacked parameters ``A: [K, r, in]`` and ``B: [K, out, r]``. Before a
+low-rank adapters as stacked parameters ``A: [K, r, in]`` and ``B: [K, out, r]``, and each
+targeted ``nn.Conv2d`` (``TARGET_PRESETS["locon"]``: the ResNet convolutions too, LoCon-style)
+with a ``LoraBankConv2d``, whose A is a k×k convolution to r channels (stored flattened,
+``[K, r, in·k·k]``) and B a 1×1 convolution back, as peft's conv LoRA. Before a
 forward pass, *routing* says which LoRAs each sample uses and with what weight:
 ``ids: [batch, M]`` and ``weights: [batch, M]``, and the layer computes, for sample b,
 
@@ -33,9 +36,31 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# Named target sets (``adapt.targets``), matched like peft's target_modules (trailing components).
+TARGET_PRESETS = {
+    # LoFT / DataDream / TCKR as published: the attention projections only.
+    "attention": DEFAULT_TARGETS,
+    # Every linear layer of the transformer blocks (attention, projections, feed-forward).
+    "transformer": DEFAULT_TARGETS + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
+    # LoCon: also the ResNet blocks' convolutions, their time-embedding projection and the
+    # down/up-sampling convolutions: the layers that place and size things in the image.
+    "locon": DEFAULT_TARGETS + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                                "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv"),
+}
+
+
+def resolve_targets(targets) -> tuple[str, ...]:
+    """A preset name of ``TARGET_PRESETS`` or an explicit list of module names → module names."""
+    if isinstance(targets, str):
+        if targets not in TARGET_PRESETS:
+            raise ValueError(f"unknown LoRA target preset {targets!r}: choose one of {sorted(TARGET_PRESETS)} "
+                             "or give a list of module names")
+        return TARGET_PRESETS[targets]
+    return tuple(targets)
 FORMAT = "synthset-lora-bank"
 FORMAT_VERSION = "1"
 
@@ -46,23 +71,27 @@ def _init_seed(seed: int, module_name: str, lora_id: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-class LoraBankLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus K LoRAs, mixed per sample by the routing set on it.
+class LoraBankLayer(nn.Module):
+    """A frozen layer plus K LoRAs, mixed per sample by the routing set on it.
 
-    ``base``: the linear layer (frozen here). ``num_loras``: K. ``rank``: r ≥ 1. ``alpha``: the
+    ``base``: the layer (frozen here). ``num_loras``: K. ``rank``: r ≥ 1. ``alpha``: the
     LoRA alpha (default r, as in LoFT), giving the scale alpha / r of Hu et al. 2021. ``first_id``:
     the global id of the bank's LoRA 0 (banks trained in parallel cover consecutive id ranges);
     routing uses *local* indices 0 … K-1. ``seed`` and ``name`` (the module's path in the UNet)
     make A's init a function of (seed, name, global id) only, so LoRA k starts from the same
     weights in a bank of 1 or of 1000. A follows peft's default (kaiming-uniform with a = √5,
-    i.e. U(-1/√in, 1/√in)); B starts at zero, so a fresh bank leaves the model unchanged.
+    i.e. U(-1/√fan_in, 1/√fan_in)); B starts at zero, so a fresh bank leaves the model unchanged.
+    Subclasses say what ``fan_in``/``fan_out`` are and apply the routed factors in ``forward``.
     """
 
-    def __init__(self, base: nn.Linear, num_loras: int, rank: int, alpha: float | None = None,
+    base_type: type = nn.Module
+
+    def __init__(self, base: nn.Module, num_loras: int, rank: int, alpha: float | None = None,
                  seed: int = 0, name: str = "", first_id: int = 0, dtype: torch.dtype | None = None):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"LoraBankLinear wraps nn.Linear, got {type(base).__name__} at {name!r}")
+        if not isinstance(base, self.base_type):
+            raise ValueError(f"{type(self).__name__} wraps nn.{self.base_type.__name__}, got "
+                             f"{type(base).__name__} at {name!r}")
         if int(num_loras) < 1:
             raise ValueError(f"num_loras must be >= 1, got {num_loras}")
         if int(rank) < 1:
@@ -78,13 +107,13 @@ class LoraBankLinear(nn.Module):
         self.scale = self.alpha / self.rank
         dtype = dtype or base.weight.dtype
         device = base.weight.device
-        a = torch.empty(self.num_loras, self.rank, base.in_features, dtype=torch.float32)
-        bound = 1.0 / math.sqrt(base.in_features)  # kaiming_uniform_(a=√5) on a [r, in] weight
+        a = torch.empty(self.num_loras, self.rank, self.fan_in, dtype=torch.float32)
+        bound = 1.0 / math.sqrt(self.fan_in)  # kaiming_uniform_(a=√5) on a [r, fan_in] weight
         for k in range(self.num_loras):
             g = torch.Generator().manual_seed(_init_seed(self.seed, name, self.first_id + k))
             a[k].uniform_(-bound, bound, generator=g)
         self.lora_A = nn.Parameter(a.to(device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.num_loras, base.out_features, self.rank, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.num_loras, self.fan_out, self.rank, device=device, dtype=dtype))
         self.ids: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None
         self._active = False
@@ -92,7 +121,14 @@ class LoraBankLinear(nn.Module):
         self._routing_version = 0
         self._cache: tuple | None = None
 
-    # nn.Linear's attributes, for code that inspects attn.to_q.weight / in_features.
+    @property
+    def fan_in(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def fan_out(self) -> int:
+        raise NotImplementedError
+
     @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
@@ -100,14 +136,6 @@ class LoraBankLinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def extra_repr(self) -> str:
         return f"num_loras={self.num_loras}, rank={self.rank}, alpha={self.alpha}, first_id={self.first_id}"
@@ -126,9 +154,9 @@ class LoraBankLinear(nn.Module):
         self._cache = None
 
     def _routed_factors(self, reps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_wᵀ [reps·R, in, M·r], B_wᵀ [reps·R, M·r, out]), weight × scale folded into A_w.
+        """(A_w [reps·R, M·r, fan_in], B_w [reps·R, fan_out, M·r]), weight × scale folded into A_w.
 
-        Σ_m w_m B_m A_m x = [B_1 … B_M] [w_1 A_1; …; w_M A_M] x: two batched matmuls for any M.
+        Σ_m w_m B_m A_m x = [B_1 … B_M] [w_1 A_1; …; w_M A_M] x: two batched products for any M.
         ``reps`` tiles the routing over an activation batch ``reps`` times larger: diffusers'
         StableDiffusionPipeline runs classifier-free guidance on torch.cat([uncond, cond]), so
         sample b sits at rows b and R + b and both halves get the same LoRA mix.
@@ -141,31 +169,98 @@ class LoraBankLinear(nn.Module):
             return self._cache[1], self._cache[2]
         ids, w = self.ids, self.weights
         r_batch, m = ids.shape
-        a = self.lora_A[ids] * (w * self.scale)[:, :, None, None]            # [R, M, r, in]
-        a = a.reshape(r_batch, m * self.rank, self.in_features)
-        b = self.lora_B[ids].permute(0, 2, 1, 3).reshape(r_batch, self.out_features, m * self.rank)
+        a = self.lora_A[ids] * (w * self.scale)[:, :, None, None]            # [R, M, r, fan_in]
+        a = a.reshape(r_batch, m * self.rank, self.fan_in)
+        b = self.lora_B[ids].permute(0, 2, 1, 3).reshape(r_batch, self.fan_out, m * self.rank)
         if reps > 1:
             a, b = a.repeat(reps, 1, 1), b.repeat(reps, 1, 1)
-        a, b = a.transpose(1, 2), b.transpose(1, 2)                          # [N, in, M·r], [N, M·r, out]
         if not need_grad and self._cache_routed:
             self._cache = (key, a, b)
         return a, b
+
+    def _factors_for(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        r_batch = self.ids.shape[0]
+        if n % r_batch:
+            raise ValueError(f"{self.name}: activation batch {n} is not a multiple of the routing batch {r_batch}")
+        return self._routed_factors(n // r_batch)
+
+    @staticmethod
+    def _add(out3: torch.Tensor, p: torch.Tensor, q: torch.Tensor, shape) -> torch.Tensor:
+        """out3 + p q (batched) in one kernel; in place on the base layer's fresh output without autograd."""
+        if not torch.is_grad_enabled() and out3.dtype == p.dtype:
+            return out3.baddbmm_(p, q).reshape(shape)
+        return torch.baddbmm(out3.to(p.dtype), p, q).reshape(shape)
+
+
+class LoraBankLinear(LoraBankLayer):
+    """``LoraBankLayer`` on an ``nn.Linear``: h_b = W x_b + Σ_m w_m (alpha/r) B_m A_m x_b."""
+
+    base_type = nn.Linear
+
+    @property
+    def fan_in(self) -> int:
+        return self.base.in_features
+
+    @property
+    def fan_out(self) -> int:
+        return self.base.out_features
+
+    # nn.Linear's attributes, for code that inspects attn.to_q.weight / in_features.
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if not self._active:
             return out
-        n, r_batch = x.shape[0], self.ids.shape[0]
-        if n % r_batch:
-            raise ValueError(f"{self.name}: activation batch {n} is not a multiple of the routing batch {r_batch}")
-        a, b = self._routed_factors(n // r_batch)
-        h = torch.bmm(x.reshape(n, -1, self.in_features).to(a.dtype), a)   # [N, L, M·r]
+        n = x.shape[0]
+        a, b = self._factors_for(n)
+        # Eq. 4 of LoFT for every sample at once: h = x A_wᵀ [N, L, M·r], out + h B_wᵀ (transposed
+        # views: BLAS reads them as they are).
+        h = torch.bmm(x.reshape(n, -1, self.in_features).to(a.dtype), a.transpose(1, 2))
         out3 = out.reshape(n, -1, self.out_features)
-        # out + h B_wᵀ in one kernel (baddbmm) — Eq. 4 of LoFT for every sample at once; in place
-        # on the base layer's fresh output when autograd is off.
-        if not torch.is_grad_enabled() and out3.dtype == b.dtype:
-            return out3.baddbmm_(h, b).reshape(out.shape)
-        return torch.baddbmm(out3.to(b.dtype), h, b).reshape(out.shape).to(out.dtype)
+        return self._add(out3, h, b.transpose(1, 2), out.shape).to(out.dtype)
+
+
+class LoraBankConv2d(LoraBankLayer):
+    """``LoraBankLayer`` on an ``nn.Conv2d`` (LoCon): A is the base's k×k convolution to r
+    channels (same stride, padding, dilation), B a 1×1 convolution to the output channels, as
+    peft's conv LoRA. Per-sample A_w run as one grouped convolution (a group per sample)."""
+
+    base_type = nn.Conv2d
+
+    def __init__(self, base: nn.Conv2d, *args, **kwargs):
+        if isinstance(base, nn.Conv2d) and (base.groups != 1 or base.padding_mode != "zeros"):
+            raise ValueError(f"LoraBankConv2d: only groups=1, zero-padded convolutions "
+                             f"(got groups={base.groups}, padding_mode={base.padding_mode!r})")
+        super().__init__(base, *args, **kwargs)
+
+    @property
+    def fan_in(self) -> int:
+        kh, kw = self.base.kernel_size
+        return self.base.in_channels * kh * kw
+
+    @property
+    def fan_out(self) -> int:
+        return self.base.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if not self._active:
+            return out
+        n, cin, height, width = x.shape
+        a, b = self._factors_for(n)
+        mr = a.shape[1]
+        kernel = a.reshape(n * mr, cin, *self.base.kernel_size)
+        h = F.conv2d(x.reshape(1, n * cin, height, width).to(a.dtype), kernel, None, self.base.stride,
+                     self.base.padding, self.base.dilation, groups=n)         # [1, N·M·r, H', W']
+        out3 = out.reshape(n, self.fan_out, -1)
+        return self._add(out3, b, h.reshape(n, mr, -1), out.shape).to(out.dtype)
 
 
 def _matches(name: str, targets) -> bool:
@@ -182,36 +277,39 @@ def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
         setattr(parent, child, module)
 
 
-def bank_layers(model: nn.Module) -> dict[str, LoraBankLinear]:
+def bank_layers(model: nn.Module) -> dict[str, LoraBankLayer]:
     """The bank's layers of ``model`` by module path (empty when no bank is injected)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraBankLinear)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraBankLayer)}
 
 
 def inject_lora_bank(unet: nn.Module, num_loras: int, rank: int, alpha: float | None = None,
                      targets=DEFAULT_TARGETS, seed: int = 0, first_id: int = 0,
-                     dtype: torch.dtype | None = None) -> list[LoraBankLinear]:
-    """Replace every ``nn.Linear`` of ``unet`` named by ``targets`` with a ``LoraBankLinear``.
+                     dtype: torch.dtype | None = None) -> list[LoraBankLayer]:
+    """Replace every ``nn.Linear`` / ``nn.Conv2d`` of ``unet`` named by ``targets`` with a bank layer.
 
     ``targets`` are matched like peft's ``target_modules`` (a module's full path or its trailing
-    components: ``"to_q"`` matches every ``…attn1.to_q`` and ``…attn2.to_q``). Everything else
+    components: ``"to_q"`` matches every ``…attn1.to_q`` and ``…attn2.to_q``), or name a preset
+    of ``TARGET_PRESETS`` (``"attention"``, ``"transformer"``, ``"locon"``). Everything else
     in ``unet`` is frozen; only the bank's A and B require gradients. Returns the new layers.
     For a loaded pipeline: ``inject_lora_bank(pipe.unet, …)`` modifies the pipeline in place.
     """
     if bank_layers(unet):
         raise ValueError("inject_lora_bank: the model already has a LoRA bank (remove_lora_bank first)")
-    targets = tuple(targets)
+    targets = resolve_targets(targets)
     if not targets:
         raise ValueError("inject_lora_bank: targets is empty")
     found = [(name, m) for name, m in unet.named_modules() if name and _matches(name, targets)]
     if not found:
         raise ValueError(f"inject_lora_bank: no module of the model matches targets {list(targets)}")
-    wrong = [name for name, m in found if not isinstance(m, nn.Linear)]
+    wrong = [name for name, m in found if not isinstance(m, (nn.Linear, nn.Conv2d))]
     if wrong:
-        raise ValueError(f"inject_lora_bank: targets {list(targets)} match modules that are not nn.Linear: {wrong[:5]}")
+        raise ValueError(f"inject_lora_bank: targets {list(targets)} match modules that are not nn.Linear "
+                         f"or nn.Conv2d: {wrong[:5]}")
     unet.requires_grad_(False)
     layers = []
     for name, module in found:
-        layer = LoraBankLinear(module, num_loras, rank, alpha, seed=seed, name=name, first_id=first_id, dtype=dtype)
+        kind = LoraBankConv2d if isinstance(module, nn.Conv2d) else LoraBankLinear
+        layer = kind(module, num_loras, rank, alpha, seed=seed, name=name, first_id=first_id, dtype=dtype)
         layer.targets = targets
         _replace_module(unet, name, layer)
         layers.append(layer)
@@ -219,12 +317,12 @@ def inject_lora_bank(unet: nn.Module, num_loras: int, rank: int, alpha: float | 
 
 
 def remove_lora_bank(unet: nn.Module) -> None:
-    """Put the original linear layers back (the bank's weights are dropped)."""
+    """Put the original layers back (the bank's weights are dropped)."""
     for name, layer in bank_layers(unet).items():
         _replace_module(unet, name, layer.base)
 
 
-def _require_layers(unet: nn.Module) -> list[LoraBankLinear]:
+def _require_layers(unet: nn.Module) -> list[LoraBankLayer]:
     layers = list(bank_layers(unet).values())
     if not layers:
         raise ValueError("the model has no LoRA bank: call inject_lora_bank or load_bank_into first")
@@ -342,7 +440,7 @@ def bank_from_model(source) -> LoraBank:
 def save_bank(path, source, meta: dict | None = None, lora_names: list[str] | None = None) -> LoraBank:
     """Write a bank to ``path`` (local path or storage URI) as safetensors, atomically.
 
-    ``source``: a model with a bank, a list/dict of ``LoraBankLinear``, or a ``LoraBank``.
+    ``source``: a model with a bank, a list/dict of bank layers, or a ``LoraBank``.
     ``meta``: JSON-serialisable dict kept in the header (e.g. method, class ids, config hash).
     ``lora_names``: one name per LoRA (e.g. the image key each LoRA was trained on).
     """
@@ -433,7 +531,7 @@ def load_bank(path) -> LoraBank:
     return bank
 
 
-def load_bank_into(unet: nn.Module, bank) -> list[LoraBankLinear]:
+def load_bank_into(unet: nn.Module, bank) -> list[LoraBankLayer]:
     """Copy a bank (``LoraBank`` or path) into ``unet``, injecting the bank's layers if it has none.
 
     If ``unet`` already has a bank, its modules, K, rank, alpha and first id must match.
@@ -531,6 +629,10 @@ def add_peft_adapter(unet: nn.Module, bank: LoraBank, lora_id: int, adapter_name
     with warnings.catch_warnings():  # peft warns on every adapter after the first
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         unet.add_adapter(config, adapter_name=adapter_name)
+    for key, tensor in sd.items():  # conv LoRAs: the bank's flat [r, in·k·k] / [out, r] as peft's conv weights
+        module, _, part = key.rpartition(".lora_")
+        target = unet.get_submodule(f"{module}.lora_{part.split('.')[0]}.{adapter_name}").weight
+        sd[key] = tensor.reshape(target.shape)
     result = set_peft_model_state_dict(unet, sd, adapter_name=adapter_name)
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:

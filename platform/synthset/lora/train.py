@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from synthset.diffusion.text_to_image import _cosine_lr, min_snr_weights
-from synthset.lora.bank import LoraBankLinear, bank_layers, routing
+from synthset.lora.bank import LoraBankLayer, bank_layers, routing
 from synthset.progress import Progress
 
 
@@ -83,7 +83,7 @@ def bank_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_state
 
 
 @torch.no_grad()
-def clip_grad_norm_per_lora_(layers: list[LoraBankLinear], max_norm: float) -> torch.Tensor:
+def clip_grad_norm_per_lora_(layers: list[LoraBankLayer], max_norm: float) -> torch.Tensor:
     """Scale each LoRA's gradient (over all layers) to norm ≤ ``max_norm``; returns the K norms."""
     sq = None
     for layer in layers:

@@ -30,9 +30,10 @@ from synthset import storage
 from synthset.config import Config
 from synthset.stages.common import StageDir
 
-# The methods' own settings (DESIGN.md, method notes); adapt.rank / adapt.lr override them.
-METHOD_DEFAULTS = {"tckr": {"rank": 4, "lr": 1e-4}, "datadream": {"rank": 16, "lr": 1e-4},
-                   "loft": {"rank": 2, "lr": 1e-3}}
+# The methods' own settings (DESIGN.md, method notes); adapt.rank / adapt.lr / adapt.targets override them.
+METHOD_DEFAULTS = {"tckr": {"rank": 4, "lr": 1e-4, "targets": "attention"},
+                   "datadream": {"rank": 16, "lr": 1e-4, "targets": "attention"},
+                   "loft": {"rank": 2, "lr": 1e-3, "targets": "attention"}}
 
 
 def adapt_dir(cfg: Config) -> StageDir:
@@ -65,9 +66,13 @@ def plan_loras(method: str, shot_labels: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def method_settings(cfg: Config) -> dict:
+    from synthset.lora.bank import resolve_targets
+
     defaults = METHOD_DEFAULTS[cfg.synthesis.method]
     rank = cfg.adapt.rank or defaults["rank"]
-    return {"rank": rank, "alpha": cfg.adapt.alpha or float(rank), "lr": cfg.adapt.lr or defaults["lr"]}
+    targets = cfg.adapt.targets or defaults["targets"]
+    return {"rank": rank, "alpha": cfg.adapt.alpha or float(rank), "lr": cfg.adapt.lr or defaults["lr"],
+            "targets": list(resolve_targets(targets)), "target_preset": targets if isinstance(targets, str) else None}
 
 
 def train_bank(model_path: str, images: np.ndarray, prompts: list[str], owner: np.ndarray, first_id: int,
@@ -95,7 +100,8 @@ def train_bank(model_path: str, images: np.ndarray, prompts: list[str], owner: n
     with torch.no_grad():
         latents = encode_latents(pipe.vae, to_unit_tensor(images).to(device)) * pipe.vae.config.scaling_factor
         cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)
-    inject_lora_bank(pipe.unet, num_loras, settings["rank"], settings["alpha"], seed=cfg.seed, first_id=first_id)
+    inject_lora_bank(pipe.unet, num_loras, settings["rank"], settings["alpha"], settings["targets"], seed=cfg.seed,
+                     first_id=first_id)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     losses = train_lora_bank(pipe.unet, scheduler, latents, cond, owner, num_loras, cfg.steps, cfg.batch_per_lora,
                              settings["lr"], cfg.seed, cfg.min_snr_gamma, progress_every=60.0,
@@ -183,8 +189,9 @@ def run_adapt(cfg: Config, model_path: str, captions_path: str | None = None, re
         banks.append({"index": b, "first_id": first, "num_loras": last - first,
                       "uri": stage.path("banks", f"bank-{b:04d}.safetensors")})
     todo = [bk for bk in banks if not (resume and storage.exists(bk["uri"]))]
-    print(f"[adapt] {method}: {num_loras} LoRA(s) of rank {settings['rank']} on {len(images)} private images, "
-          f"{cfg.adapt.steps} steps, {len(banks)} bank(s), {len(banks) - len(todo)} already trained; "
+    print(f"[adapt] {method}: {num_loras} LoRA(s) of rank {settings['rank']} on the "
+          f"{settings['target_preset'] or 'listed'} modules, {len(images)} private images, {cfg.adapt.steps} steps, "
+          f"{len(banks)} bank(s), {len(banks) - len(todo)} already trained; "
           f"{cfg.adapt.workers} in parallel")
     t0 = time.time()
     remote = ray.remote(num_cpus=cfg.adapt.cpus_per_worker, num_gpus=1 if cfg.adapt.use_gpu else 0,

@@ -1,0 +1,119 @@
+"""LoCon banks: LoRAs on the UNet's convolutions (synthset.lora.bank.LoraBankConv2d), routed per sample."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from synthset.lora.bank import (TARGET_PRESETS, LoraBankConv2d, LoraBankLinear, add_peft_adapter, bank_from_model,
+                                bank_layers, inject_lora_bank, load_bank, load_bank_into, resolve_targets, routing,
+                                save_bank)
+from synthset.lora.train import train_lora_bank
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def base_unet(tiny_pipeline_dir):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet", use_safetensors=True).eval()
+
+
+def _inputs(unet, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = unet.config
+    x = torch.randn(n, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    cond = torch.randn(n, 16, c.cross_attention_dim, generator=g)
+    return x, t, cond
+
+
+def _randomize_b(layers, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+
+
+def _assert_close(actual, expected):
+    # Float32 results of different but equivalent summation orders (grouped conv vs peft's two
+    # convolutions, one batch vs single samples): relative 1e-4 of the output's scale.
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+
+
+def test_locon_targets_wrap_convolutions_and_linears(base_unet):
+    unet = copy.deepcopy(base_unet)
+    layers = inject_lora_bank(unet, 2, rank=2, targets="locon")
+    convs = [layer for layer in layers if isinstance(layer, LoraBankConv2d)]
+    linears = [layer for layer in layers if isinstance(layer, LoraBankLinear)]
+    assert convs and linears
+    assert any(layer.name.endswith("resnets.0.conv1") for layer in convs)
+    assert any(".downsamplers.0.conv" in layer.name or ".upsamplers.0.conv" in layer.name for layer in convs)
+    assert not any(layer.name in ("conv_in", "conv_out") for layer in convs)  # the latent interface stays frozen
+    conv = convs[0]
+    kh, kw = conv.base.kernel_size
+    assert conv.lora_A.shape == (2, 2, conv.base.in_channels * kh * kw)
+    assert conv.lora_B.shape == (2, conv.base.out_channels, 2)
+    assert resolve_targets("attention") == TARGET_PRESETS["attention"]
+    with pytest.raises(ValueError, match="unknown LoRA target preset 'everything'"):
+        resolve_targets("everything")
+
+
+def test_conv_lora_matches_peft(base_unet):
+    """Each LoRA of a LoCon bank, routed alone at weight 1, equals peft's LoRA on the same modules."""
+    unet = copy.deepcopy(base_unet)
+    _randomize_b(inject_lora_bank(unet, 2, rank=3, alpha=6.0, targets="locon", first_id=10))
+    bank = bank_from_model(unet)
+    x, t, cond = _inputs(unet, 2, seed=3)
+    for lora_id in (10, 11):
+        ref = copy.deepcopy(base_unet)
+        add_peft_adapter(ref, bank, lora_id)
+        with torch.no_grad():
+            with routing(unet, [[lora_id - 10]] * 2):
+                ours = unet(x, t, encoder_hidden_states=cond).sample
+            theirs = ref(x, t, encoder_hidden_states=cond).sample
+            base = base_unet(x, t, encoder_hidden_states=cond).sample
+        assert float((theirs - base).abs().max()) > 1e-2  # the LoRA really changes the output
+        _assert_close(ours, theirs)
+
+
+def test_per_sample_mixes_equal_samples_run_alone(base_unet):
+    """A batch whose samples use different LoRA pairs and λs == each sample in a batch of its own."""
+    unet = copy.deepcopy(base_unet)
+    _randomize_b(inject_lora_bank(unet, 3, rank=2, targets="locon"))
+    x, t, cond = _inputs(unet, 3, seed=4)
+    ids, weights = [[0, 1], [2, 0], [1, 2]], [[0.3, 0.7], [1.0, 0.0], [0.5, 0.5]]
+    with torch.no_grad():
+        with routing(unet, ids, weights):
+            together = unet(x, t, encoder_hidden_states=cond).sample
+        for i in range(3):
+            with routing(unet, [ids[i]], [weights[i]]):
+                alone = unet(x[i:i + 1], t[i:i + 1], encoder_hidden_states=cond[i:i + 1]).sample
+            _assert_close(together[i:i + 1], alone)
+
+
+def test_locon_training_moves_conv_loras_and_reloads(base_unet, tiny_pipeline_dir, tmp_path):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_pretrained(tiny_pipeline_dir / "scheduler")
+    unet = copy.deepcopy(base_unet)
+    layers = inject_lora_bank(unet, 2, rank=2, targets="locon", seed=5)
+    x, _, cond = _inputs(unet, 4, seed=6)
+    losses = train_lora_bank(unet, scheduler, x, cond, torch.tensor([0, 0, 1, 1]), num_loras=2, steps=3,
+                             batch_per_lora=2, lr=1e-2, seed=1, progress_every=1e9)
+    assert losses.shape == (3, 2) and (losses > 0).all()
+    conv = next(layer for layer in layers if isinstance(layer, LoraBankConv2d))
+    assert float(conv.lora_B.detach().abs().max()) > 0  # B leaves zero: the conv LoRA got gradients
+    save_bank(tmp_path / "locon.safetensors", unet)
+    bank = load_bank(tmp_path / "locon.safetensors")
+    assert set(bank.targets) == set(TARGET_PRESETS["locon"])
+    fresh = copy.deepcopy(base_unet)
+    load_bank_into(fresh, bank)
+    for name, layer in bank_layers(fresh).items():
+        assert type(layer) is type(bank_layers(unet)[name])
+        assert torch.equal(layer.lora_A, bank_layers(unet)[name].lora_A)
+        assert torch.equal(layer.lora_B, bank_layers(unet)[name].lora_B)
