@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -114,3 +115,34 @@ def test_ray_read_webdataset(tmp_path):
         ray.shutdown()
     assert len(rows) == 12
     assert sorted(r["__key__"] for r in rows) == [f"{i:010d}" for i in range(12)]
+
+
+class _EchoShard:
+    """A stand-in shard actor: returns a stats row per shard without a model."""
+
+    def __call__(self, batch):
+        return {"index": list(batch["shard"]), "stats": [{"count": 1, "shard": int(s)} for s in batch["shard"]]}
+
+
+def test_shard_pool_uses_no_deprecated_ray_arguments():
+    """The synthesis/label actor pool passes nothing Ray deprecates (``ray_remote_args`` goes in Ray 2.64)."""
+    import warnings
+
+    ray = pytest.importorskip("ray")
+    from synthset.config import ActorsConfig
+    from synthset.stages.synthesize import _run_shard_pool
+
+    here = os.path.dirname(os.path.abspath(__file__))  # the workers import _EchoShard from this file
+    path = os.pathsep.join([here, os.path.join(os.path.dirname(here), "platform")])
+    ray.init(num_cpus=1, include_dashboard=False, ignore_reinit_error=True,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stats = _run_shard_pool([{"shard": i, "start": 0, "stop": 1} for i in range(3)], _EchoShard, {},
+                                    ActorsConfig(min=1, max=1, num_cpus=1), "echo", 3, 0)
+    finally:
+        ray.shutdown()
+    assert sorted(s["shard"] for s in stats) == [0, 1, 2]
+    ours = [str(w.message) for w in caught if "ray_remote_args" in str(w.message)]
+    assert not ours, ours

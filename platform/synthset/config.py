@@ -170,9 +170,6 @@ class ActorsConfig(Section):
     max: int = Field(1, ge=1)
     num_gpus: float = Field(0, ge=0, description="GPUs per actor (fractions share one).")
     num_cpus: float = Field(1, gt=0)
-    max_restarts: int = Field(3, ge=-1, description="Times Ray recreates a dead actor (-1: forever, 0: never).")
-    max_task_retries: int = Field(3, ge=-1, description="Times a shard whose actor died is retried on its "
-                                  "replacement (-1: forever). Shards are idempotent, so a retry is safe.")
 
     @model_validator(mode="after")
     def _bounds(self):

@@ -135,12 +135,11 @@ def _run_shard_pool(tasks: list[dict], actor_cls, actor_kwargs: dict, actors: Ac
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(actor_cls, fn_constructor_kwargs=actor_kwargs, batch_size=1, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(min_size=actors.min, max_size=actors.max),
-                        num_cpus=actors.num_cpus, num_gpus=actors.num_gpus or None,
-                        # A dead actor is recreated and its shard redone on the replacement:
-                        # shards are deterministic and written atomically, so a retry is harmless.
-                        # Ray 2.60 takes these only as remote args (deprecated for 2.64, which
-                        # has no named replacement yet): revisit on upgrade.
-                        max_restarts=actors.max_restarts, max_task_retries=actors.max_task_retries)
+                        num_cpus=actors.num_cpus, num_gpus=actors.num_gpus or None)
+    # Ray Data recreates a dead pool actor and retries its shard on the replacement, without a bound
+    # (its defaults; the loose remote args that set a bound are deprecated, removed in Ray 2.64):
+    # shards are deterministic and written atomically, so a retry is harmless. A shard whose code
+    # raises fails the job (DataContext.max_errored_blocks = 0), it is not retried.
     progress = Progress(name, images_total, "images", every=5.0)
     progress.done = images_done
     results = []
