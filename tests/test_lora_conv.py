@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_close_scaled
 
 from synthset.lora.bank import (TARGET_PRESETS, LoraBankConv2d, LoraBankLinear, add_peft_adapter, bank_from_model,
                                 bank_layers, inject_lora_bank, load_bank, load_bank_into, resolve_targets, routing,
@@ -36,13 +37,6 @@ def _randomize_b(layers, seed=1):
     with torch.no_grad():
         for layer in layers:
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
-
-
-def _assert_close(actual, expected):
-    # Float32 results of different but equivalent summation orders (grouped conv vs peft's two
-    # convolutions, one batch vs single samples): relative 1e-4 of the output's scale.
-    scale = float(expected.abs().max())
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
 
 
 def test_locon_targets_wrap_convolutions_and_linears(base_unet):
@@ -78,7 +72,7 @@ def test_conv_lora_matches_peft(base_unet):
             theirs = ref(x, t, encoder_hidden_states=cond).sample
             base = base_unet(x, t, encoder_hidden_states=cond).sample
         assert float((theirs - base).abs().max()) > 1e-2  # the LoRA really changes the output
-        _assert_close(ours, theirs)
+        assert_close_scaled(ours, theirs)
 
 
 def test_per_sample_mixes_equal_samples_run_alone(base_unet):
@@ -93,7 +87,7 @@ def test_per_sample_mixes_equal_samples_run_alone(base_unet):
         for i in range(3):
             with routing(unet, [ids[i]], [weights[i]]):
                 alone = unet(x[i:i + 1], t[i:i + 1], encoder_hidden_states=cond[i:i + 1]).sample
-            _assert_close(together[i:i + 1], alone)
+            assert_close_scaled(together[i:i + 1], alone)
 
 
 def test_locon_training_moves_conv_loras_and_reloads(base_unet, tiny_pipeline_dir, tmp_path):
