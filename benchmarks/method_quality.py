@@ -1,89 +1,206 @@
-"""CAS of every generation method on the embedded default: the issue-5 quality table.
+"""CAS of the generation methods on the embedded default, over seeds, with the real-data ceiling.
 
-    .venv/bin/python benchmarks/method_quality.py --config conf/quickstart.yaml --images-per-class 500 --shots 16
+    .venv/bin/python benchmarks/method_quality.py --config conf/quickstart.yaml \\
+        --images-per-class 500 --seeds 0,1,2 --json docs/method_quality.json
 
-Runs the real ``jobs/pipeline.py`` once per variant into the config's output root, so the
-foundation model and the Teacher are pretrained once and reused by every variant (their
-stage hashes do not depend on the method). Each variant: [caption] → [adapt on k shots per
-class of the private split] → generate → Teacher soft labels → Students (soft and hard labels,
-the config's recipe) → accuracy on the real test set (CAS). Prints a Markdown table and writes
-each variant's sample grid next to the summary. ``--only loft-0.5,tckr-1x`` runs a subset.
+Runs the real ``jobs/pipeline.py`` once per (variant, seed) into the config's output root, so
+the foundation model and the Teacher are pretrained once and reused by every run (their stage
+hashes do not depend on the method or on these seeds). A seed sets ``run.seed`` (the generation
+plan), ``adapt.seed`` (which real shots the LoRAs see, their init and noise) and ``student.seed``.
+Each run: [caption] → [adapt] → generate → Teacher soft labels → Students (soft and hard labels,
+the config's recipe) → accuracy on the real test set (CAS). The ``real`` row trains the same
+Student recipe on the same number of *real* private images (seeded per class; soft labels from
+the Teacher, hard labels the true ones): the ceiling a generator could reach at this cardinality.
+
+Prints one row per variant, mean ± standard error over the seeds, and writes ``--json``
+(per variant: images, seeds, student_soft_mean/se, student_hard_mean/se, and every run).
+``--only class_prompt,datadream`` runs a subset; ``--set key=value`` applies to every run.
 """
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
-from synthset.config import config_hash, load_config  # noqa: E402
+from synthset.config import Config, config_hash, load_config  # noqa: E402
 
 
-def variants(per_class: int, shots: int) -> dict[str, list[str]]:
+def variants(shots: int) -> dict[str, list[str]]:
     """name → overrides. TCKR's cardinality is relative to the real images it adapts on."""
     loft = ["synthesis.method=loft", "adapt.batch_per_lora=2"]
     return {
         "class_prompt": ["synthesis.method=class_prompt"],
         "caption_prompt": ["synthesis.method=caption_prompt"],
-        "datadream": ["synthesis.method=datadream", "adapt.batch_per_lora=16"],
-        "loft-0.5": loft + ["synthesis.fusion.lam=0.5"],
-        "loft-1.0": loft + ["synthesis.fusion.lam=1.0"],
-        "loft-beta10": loft + ["synthesis.fusion.beta_alpha=10"],
-        "tckr-1x": ["synthesis.method=tckr", "adapt.batch_per_lora=32", f"synthesis.images_per_class={shots}"],
-        "tckr-10x": ["synthesis.method=tckr", "adapt.batch_per_lora=32", f"synthesis.images_per_class={10 * shots}"],
+        # The seeds' recipes (LoRA on the attention projections only).
+        "datadream": ["synthesis.method=datadream", "adapt.batch_per_lora=16", "adapt.targets=attention"],
+        "loft-0.5": loft + ["synthesis.fusion.lam=0.5", "adapt.targets=attention"],
+        "loft-1.0": loft + ["synthesis.fusion.lam=1.0", "adapt.targets=attention"],
+        "loft-beta10": loft + ["synthesis.fusion.beta_alpha=10", "adapt.targets=attention"],
+        "tckr-10x": ["synthesis.method=tckr", "adapt.batch_per_lora=32", "adapt.targets=attention",
+                     f"synthesis.images_per_class={10 * shots}"],
+        # The platform's default (conf/quickstart.yaml): whatever the config's adapt section says.
+        "default": [],
+        "real": [],  # handled by real_run
     }
+
+
+def seed_overrides(seed: int) -> list[str]:
+    return [f"run.seed={seed}", f"adapt.seed={seed}", f"student.seed={seed}"]
+
+
+def pipeline_run(config: str, name: str, overrides: list[str]) -> dict | None:
+    cfg = load_config(config, overrides)
+    cmd = [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", config,
+           *sum((["--set", o] for o in overrides), [])]
+    log = Path(cfg.output.root).expanduser() / f"method-{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        print(f"{name}: failed (exit {proc.returncode}), see {log}", flush=True)
+        return None
+    summary = json.loads((Path(cfg.output.root).expanduser().resolve()
+                          / f"summary-{config_hash(cfg.to_dict())}.json").read_text())
+    adapt = summary.get("adapt") or {}
+    return {"images": summary["images"], "teacher_agreement": summary["teacher_agreement_on_synthetic"],
+            "student_soft": summary.get("student_soft_accuracy"), "student_hard": summary.get("student_hard_accuracy"),
+            "adapt_s": adapt.get("seconds"), "method": summary["method"], "grid": summary["sample_grid"],
+            "teacher": summary["teacher_accuracy"], "wall_s": round(time.time() - t0)}
+
+
+def real_run(cfg: Config, per_class: int, seed: int) -> dict:
+    """The config's Student recipe on ``per_class`` real private images per class (seeded)."""
+    import torch
+
+    from synthset import storage
+    from synthset.data.shards import image_to_tensor, write_manifest, write_shard
+    from synthset.data.splits import fit_images, make_splits
+    from synthset.models.classifiers import load_classifier
+    from synthset.models.training import predict_proba
+    from synthset.stages.adapt import select_shots
+    from synthset.stages.classifier import run_student, run_teacher
+    from synthset.stages.common import StageDir, init_ray, output_root
+
+    t0 = time.time()
+    init_ray(cfg)
+    teacher = run_teacher(cfg)
+    splits = make_splits(cfg.data)
+    names = splits.class_names
+    picked = select_shots(splits.private.labels, len(names), per_class, seed)
+    key = config_hash({"data": cfg.data.model_dump(mode="json"), "teacher": teacher["stage_hash"],
+                       "per_class": per_class, "seed": seed})
+    dataset = storage.join(output_root(cfg), "real", key)
+    if not storage.exists(storage.join(dataset, "manifest.json")):
+        images = fit_images(splits.private.images[picked], cfg.data.image_size)
+        labels = splits.private.labels[picked]
+        model = load_classifier(storage.materialize(teacher["model"]))
+        soft = predict_proba(model, torch.stack([image_to_tensor(im, cfg.data.image_size, 1) for im in images]))
+        size = cfg.synthesis.shard_size
+        stats = []
+        for i, lo in enumerate(range(0, len(images), size)):
+            samples = [{"key": f"real{int(splits.private_index[p]):08d}", "image": images[j], "cls": int(labels[j]),
+                        "meta": {"real_index": int(splits.private_index[p])}, "soft": soft[j]}
+                       for j, p in zip(range(lo, min(lo + size, len(images))), picked[lo:lo + size])]
+            stats.append(write_shard(dataset, i, samples))
+        write_manifest(dataset, {"class_names": names, "method": "real", "generator": None}, stats)
+    row = {"images": len(picked), "method": "real", "teacher": teacher["test_accuracy"]}
+    seeded = Config.model_validate({**cfg.to_dict(), "student": {**cfg.student.model_dump(mode="json"), "seed": seed}})
+    for labels in cfg.student.labels:
+        stage_hash = config_hash({"dataset": key, "student": seeded.student.model_dump(mode="json"), "labels": labels})
+        stage = StageDir(f"student-real-{labels}", stage_hash,
+                         storage.join(output_root(cfg), f"student-real-{labels}", stage_hash))
+        row[f"student_{labels}"] = run_student(seeded, dataset, labels, stage=stage)["test_accuracy"]
+    row["wall_s"] = round(time.time() - t0)
+    return row
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (sample standard deviation / √n; NaN for one value)."""
+    x = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if len(x) == 0:
+        return math.nan, math.nan
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
+
+
+def _finite(obj):
+    """NaN (an SE of one seed, a missing Student) as JSON null."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return None if isinstance(obj, float) and math.isnan(obj) else obj
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="conf/quickstart.yaml")
     parser.add_argument("--images-per-class", type=int, default=500)
-    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--shots", type=int, default=None, help="adapt.shots_per_class (default: the config's)")
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--only", default=None, help="comma-separated variant names")
+    parser.add_argument("--json", default=None, help="write the aggregated table here")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="applied to every variant (e.g. adapt.steps=200)")
+                        help="applied to every run (e.g. adapt.steps=200)")
     args = parser.parse_args()
-    common = [f"synthesis.images_per_class={args.images_per_class}", f"adapt.shots_per_class={args.shots}",
-              *args.overrides]
-    table = variants(args.images_per_class, args.shots)
+    common = [f"synthesis.images_per_class={args.images_per_class}", *args.overrides]
+    if args.shots is not None:
+        common.append(f"adapt.shots_per_class={args.shots}")
+    shots = load_config(args.config, common).adapt.shots_per_class or args.images_per_class
+    table = variants(shots)
     chosen = args.only.split(",") if args.only else list(table)
-    rows = []
+    unknown = [c for c in chosen if c not in table]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}: choose from {list(table)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = []
     for name in chosen:
-        overrides = common + table[name]
-        cfg = load_config(args.config, overrides)
-        t0 = time.time()
-        cmd = [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", args.config,
-               *sum((["--set", o] for o in overrides), [])]
-        log = Path(cfg.output.root).expanduser() / f"method-{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as f:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
-            print(f"{name}: failed (exit {proc.returncode}), see {log}", flush=True)
+        for seed in seeds:
+            overrides = common + table[name] + seed_overrides(seed)
+            if name == "real":
+                run = real_run(load_config(args.config, overrides), args.images_per_class, seed)
+            else:
+                run = pipeline_run(args.config, f"{name}-seed{seed}", overrides)
+            if run is None:
+                continue
+            run.update(variant=name, seed=seed)
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+    rows = {}
+    for name in chosen:
+        mine = [r for r in runs if r["variant"] == name]
+        if not mine:
             continue
-        summary = json.loads((Path(cfg.output.root).expanduser().resolve()
-                              / f"summary-{config_hash(cfg.to_dict())}.json").read_text())
-        adapt = summary.get("adapt") or {}
-        row = {"variant": name, "images": summary["images"], "teacher_agreement": summary["teacher_agreement_on_synthetic"],
-               "student_soft": summary.get("student_soft_accuracy"), "student_hard": summary.get("student_hard_accuracy"),
-               "adapt_s": adapt.get("seconds"), "adapt_loss": [adapt.get("loss_first"), adapt.get("loss_last")],
-               "images_per_s": summary.get("images_per_s"), "grid": summary["sample_grid"],
-               "teacher": summary["teacher_accuracy"], "wall_s": round(time.time() - t0)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print(f"\nTeacher (real private data): {rows[0]['teacher']:.4f}" if rows else "")
-    print("| variant | images | Teacher agrees | Student soft | Student hard | adapt (s) | images/s | grid |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    for r in rows:
-        adapt = f"{r['adapt_s']:.0f}" if r["adapt_s"] else "–"
-        print(f"| {r['variant']} | {r['images']:,} | {r['teacher_agreement']:.1%} | {r['student_soft']:.4f} | "
-              f"{r['student_hard']:.4f} | {adapt} | {r['images_per_s']:.1f} | {os.path.basename(r['grid'])} |")
-    print(f"\ncommand: {' '.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])}")
+        soft, hard = mean_se([r.get("student_soft") for r in mine]), mean_se([r.get("student_hard") for r in mine])
+        rows[name] = {"method": mine[0]["method"], "images": mine[0]["images"], "seeds": [r["seed"] for r in mine],
+                      "student_soft_mean": soft[0], "student_soft_se": soft[1],
+                      "student_hard_mean": hard[0], "student_hard_se": hard[1],
+                      "teacher_agreement_mean": mean_se([r.get("teacher_agreement") for r in mine])[0]}
+    command = " ".join([".venv/bin/python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
+    if runs:
+        print(f"\nTeacher (real private data): {runs[0]['teacher']:.4f}")
+    print("| variant | method | images | seeds | Student soft (mean ± SE) | Student hard (mean ± SE) | Teacher agrees |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in rows.items():
+        agree = r["teacher_agreement_mean"]
+        print(f"| {name} | {r['method']} | {r['images']:,} | {len(r['seeds'])} | {r['student_soft_mean']:.4f} ± "
+              f"{r['student_soft_se']:.4f} | {r['student_hard_mean']:.4f} ± {r['student_hard_se']:.4f} | "
+              + (f"{agree:.1%} |" if not math.isnan(agree) else "– |"))
+    print(f"\ncommand: {command}")
+    if args.json:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        with open(args.json, "w") as f:
+            json.dump(_finite({"command": command, "commit": commit, "config": args.config, "variants": rows,
+                               "runs": runs}), f, indent=1, allow_nan=False, default=str)
 
 
 if __name__ == "__main__":

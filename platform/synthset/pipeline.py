@@ -145,8 +145,40 @@ def run_pipeline(cfg: Config, resume: bool = True) -> dict:
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, float) or isinstance(v, int)})
         tracker.log_stage("evaluate", cfg, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))},
                           artifacts=[grid, storage.join(label["dataset"], "manifest.json")])
+    baseline = baseline_students(cfg)
+    if baseline:
+        summary["baseline"] = baseline
     storage.write_json(storage.join(root, f"summary-{summary['config_hash']}.json"), summary)
     return summary
+
+
+BASELINE_METHOD = "class_prompt"
+
+
+def baseline_config(cfg: Config) -> Config:
+    """``cfg`` with ClassPrompt generation: what an adapted method's gain is measured against."""
+    d = cfg.to_dict()
+    d["synthesis"] = {**d["synthesis"], "method": BASELINE_METHOD}
+    return Config.model_validate(d)
+
+
+def baseline_students(cfg: Config) -> dict | None:
+    """The ClassPrompt Students of the same data, foundation, Teacher and cardinality, if they were trained.
+
+    Read from their stage directories (nothing is run): ``{"method", "command", "student_soft_accuracy", …}``,
+    with ``None`` for a Student not trained yet; ``None`` when ``cfg`` is ClassPrompt itself.
+    """
+    from synthset.stages.classifier import student_dir
+
+    if cfg.synthesis.method == BASELINE_METHOD:
+        return None
+    base = baseline_config(cfg)
+    out = {"method": BASELINE_METHOD,
+           "command": f"python jobs/pipeline.py --config <this config> --set synthesis.method={BASELINE_METHOD}"}
+    for labels in cfg.student.labels:
+        stage = student_dir(base, labels)
+        out[f"student_{labels}_accuracy"] = stage.summary()["test_accuracy"] if stage.is_complete() else None
+    return out
 
 
 def format_summary(summary: dict) -> str:
@@ -155,6 +187,15 @@ def format_summary(summary: dict) -> str:
     for key in ("soft", "hard"):
         if f"student_{key}_accuracy" in summary:
             lines.append(f"Student accuracy, {key} labels (CAS):     {summary[f'student_{key}_accuracy']:.4f}")
+    baseline = summary.get("baseline")
+    if baseline:
+        for key in ("soft", "hard"):
+            ours, theirs = summary.get(f"student_{key}_accuracy"), baseline.get(f"student_{key}_accuracy")
+            if ours is not None and theirs is not None:
+                lines.append(f"  vs {baseline['method']} ({key} labels):        {theirs:.4f}  "
+                             f"(gain {100 * (ours - theirs):+.1f} points, {summary['method']})")
+        if all(baseline.get(f"student_{k}_accuracy") is None for k in ("soft", "hard")):
+            lines.append(f"  {baseline['method']} baseline not trained yet: {baseline['command']}")
     lines += [f"Teacher agrees with the prompted class:  {summary['teacher_agreement_on_synthetic']:.1%}",
               f"Images: {summary['images']} ({summary['images_generated_now']} generated this run"
               + (f", {summary['images_per_s']:.1f} images/s)" if summary['images_generated_now'] else ")"),

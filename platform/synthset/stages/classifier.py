@@ -143,6 +143,8 @@ def run_teacher(cfg: Config, tracker=None) -> dict:
     return _run(cfg, teacher_dir(cfg), cfg.teacher, "teacher", "hard", None, 1.0, tracker)
 
 
-def run_student(cfg: Config, labelled_dataset: str, labels: str, tracker=None) -> dict:
-    return _run(cfg, student_dir(cfg, labels), cfg.student, f"student-{labels}", labels, labelled_dataset,
+def run_student(cfg: Config, labelled_dataset: str, labels: str, tracker=None, stage: StageDir | None = None) -> dict:
+    """The Student recipe of ``cfg`` on a labelled dataset; ``stage``: another directory than the pipeline's
+    (e.g. a Student on real images, benchmarks/method_quality.py)."""
+    return _run(cfg, stage or student_dir(cfg, labels), cfg.student, f"student-{labels}", labels, labelled_dataset,
                 cfg.student.temperature, tracker)
