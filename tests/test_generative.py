@@ -106,6 +106,56 @@ def test_prdc_does_not_depend_on_chunk_size():
     assert prdc(real, fake, k=3, chunk=17) == prdc(real, fake, k=3, chunk=1024)
 
 
+
+def prdc_brute_force(real, fake, k):
+    """PRDC from full distance matrices, with the definitions of Naeem et al.'s ``compute_prdc``."""
+    def dist(a, b):
+        return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+
+    real_r = np.sort(dist(real, real), axis=1)[:, k]  # index 0 is the point itself; copies also count, at 0
+    fake_r = np.sort(dist(fake, fake), axis=1)[:, k]
+    d = dist(real, fake)
+    inside = d < real_r[:, None]  # open balls: strict <
+    return {"precision": inside.any(0).mean(), "recall": (d < fake_r[None, :]).any(1).mean(),
+            "density": inside.sum(0).mean() / k, "coverage": (d.min(1) < real_r).mean()}
+
+
+def test_prdc_matches_the_reference_semantics_on_ties():
+    """The expected semantics are those of Naeem et al.'s reference ``prdc`` 0.2 (``compute_prdc``):
+    NND_k is the (k+1)-th smallest distance within the set, the point itself and its copies included
+    at 0, and ball membership is a strict ``<``. Checked once against the package itself (installed in
+    a scratch directory, not a dependency) on the cases below; its numbers are in the comments.
+    """
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 4, size=(30, 6))
+    real = np.repeat(base, rng.integers(1, 7, size=30), axis=0).astype(float)  # rows repeated 1–6 times
+    fake = np.concatenate([real[rng.choice(len(real), 40)], rng.integers(0, 4, size=(40, 6))]).astype(float)
+    # compute_prdc(real, fake, 5): precision 0.35, recall 1.0, density 0.185, coverage 34/121 = 0.281;
+    # closed balls (<=, as this module had it) gave 0.7875, 1.0, 0.9325, 1.0.
+    expected = prdc_brute_force(real, fake, 5)
+    assert expected == pytest.approx({"precision": 0.35, "recall": 1.0, "density": 0.185, "coverage": 34 / 121})
+    np.testing.assert_array_equal(knn_radii(real, 5, chunk=7), np.sort(np.linalg.norm(
+        real[:, None] - real[None], axis=-1), axis=1)[:, 5])  # rows with 6 copies: radius 0
+    assert prdc(real, fake, k=5, chunk=7) == pytest.approx(expected, abs=1e-12)
+
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(120, 8)), rng.normal(size=(90, 8)) * 1.3 + 0.4
+    # compute_prdc: 0.5889 (53/90), 0.975, 0.4156 (187/450), 0.7
+    expected = prdc_brute_force(real, fake, 5)
+    assert expected == pytest.approx({"precision": 53 / 90, "recall": 0.975, "density": 187 / 450, "coverage": 0.7})
+    assert prdc(real, fake, k=5, chunk=7) == pytest.approx(expected, abs=1e-12)
+
+    # Float copies: ties at 0 and between equal distances, which the ‖x‖² + ‖y‖² − 2xᵀy form (torch.cdist,
+    # and the reference's sklearn distance) splits by rounding. Exact: 0.5625, 0.869, 0.49, 0.645; strict <
+    # on torch.cdist alone gave 0.5875, 0.869, 0.52, 0.701; compute_prdc 0.65, 0.869, 0.635, 0.757.
+    rng = np.random.default_rng(9)
+    real = np.repeat(rng.normal(size=(30, 64)) * 3 + 5, rng.integers(1, 7, size=30), axis=0)
+    fake = np.concatenate([real[rng.choice(len(real), 40)], rng.normal(size=(40, 64)) * 3 + 5])
+    expected = prdc_brute_force(real, fake, 5)
+    assert expected == pytest.approx({"precision": 0.5625, "recall": 93 / 107, "density": 0.49, "coverage": 69 / 107})
+    for chunk in (7, 1024):
+        assert prdc(real, fake, k=5, chunk=chunk) == pytest.approx(expected, abs=1e-12)
+
 def test_recognizability_per_class_f1():
     intended = np.array([0, 0, 0, 1, 1, 2])
     predicted = np.array([0, 0, 1, 1, 1, 0])

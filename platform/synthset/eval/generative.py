@@ -161,34 +161,70 @@ def kid(real_features, fake_features, num_subsets: int = 100, subset_size: int =
 
 
 def _pairwise(a, b, chunk: int):
-    """Yield (start, end, distances (end − start, len(b))) Euclidean blocks, a's rows in chunks."""
+    """Yield (start, end, d, slack), a's rows in chunks: Euclidean distances d (end − start, len(b))
+    and, per row, a bound ``slack`` (end − start, 1) on the error of d².
+
+    ``torch.cdist`` takes ‖x‖² + ‖y‖² − 2xᵀy, whose rounding error is below (F + 2)·2⁻⁵²·2(‖x‖² + ‖y‖²)
+    — small, but enough to split a tie: exact copies come out ~1e-7 apart, not 0, and two equal
+    distances differ. ``slack`` = 1e-9 (‖x‖² + max ‖y‖²) covers it for F up to ~10⁶; ``_recompute``
+    makes the entries within it of a threshold exact.
+    """
     import torch
 
-    bt = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64))
+    a, b = np.ascontiguousarray(a, dtype=np.float64), np.ascontiguousarray(b, dtype=np.float64)
+    bt, b_sq_max = torch.from_numpy(b), np.einsum("ij,ij->i", b, b).max()
     for s in range(0, len(a), chunk):
         e = min(len(a), s + chunk)
-        yield s, e, torch.cdist(torch.from_numpy(np.ascontiguousarray(a[s:e], dtype=np.float64)), bt).numpy()
+        d = torch.cdist(torch.from_numpy(a[s:e]), bt).numpy()
+        yield s, e, d, 1e-9 * (np.einsum("ij,ij->i", a[s:e], a[s:e])[:, None] + b_sq_max)
+
+
+def _recompute(d, a_rows, b, where) -> None:
+    """Overwrite ``d[where]`` with ‖x − y‖ taken directly, so equal pairs of rows get bit-equal
+    distances (0 for copies); in batches of at most ``d.size`` numbers."""
+    i, j = np.nonzero(where)
+    step = max(1, d.size // b.shape[1])
+    for t in range(0, len(i), step):
+        ii, jj = i[t:t + step], j[t:t + step]
+        d[ii, jj] = np.linalg.norm(a_rows[ii] - b[jj], axis=1)
 
 
 def knn_radii(x: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
-    """Distance from each row of ``x`` to its k-th nearest *other* row (NND_k of Naeem et al. 2020)."""
+    """Distance from each row of ``x`` to its k-th nearest *other* row (NND_k of Naeem et al. 2020).
+
+    As in the reference ``prdc`` package: the (k+1)-th smallest of the row's distances to all of
+    ``x``, itself included at 0; a duplicate row is a neighbour at distance 0 like any other, so a
+    row with ≥ k copies gets radius 0. Exact up to the direct ‖x − y‖ (see ``_pairwise``).
+    """
     if not 1 <= k < len(x):
         raise ValueError(f"k: must lie in [1, {len(x) - 1}] for {len(x)} points (got {k})")
+    x = np.ascontiguousarray(x, dtype=np.float64)
     out = np.empty(len(x))
-    for s, e, d in _pairwise(x, x, chunk):
-        out[s:e] = np.partition(d, k, axis=1)[:, k]  # index 0 is the point itself (distance 0)
+    for s, e, d, slack in _pairwise(x, x, chunk):
+        # The exact k-th value v has |v² − kth²| <= slack (an order statistic moves no more than its
+        # inputs), so every entry that may equal it lies within 2·slack of kth²: make those exact,
+        # push the rest surely below / above v out of the way, and take the k-th again.
+        kth_sq = np.partition(d, k, axis=1)[:, k:k + 1] ** 2
+        d_sq = d * d
+        _recompute(d, x[s:e], x, np.abs(d_sq - kth_sq) <= 2 * slack)
+        d[d_sq < kth_sq - 2 * slack] = -1.0
+        d[d_sq > kth_sq + 2 * slack] = np.inf
+        out[s:e] = np.partition(d, k, axis=1)[:, k]
     return out
 
 
 def prdc(real_features, fake_features, k: int = 5, chunk: int = 1024) -> dict[str, float]:
     """Precision, recall, density, coverage (Naeem et al. 2020, Eqs. 1–4), k-NN balls in feature space.
 
-    With B(x, r) the closed ball and NND_k the k-NN radius within the same set (``knn_radii``):
+    With B(x, r) = {y: ‖y − x‖ < r} the *open* ball and NND_k the k-NN radius within the same set
+    (``knn_radii``):
       precision = (1/M) Σ_j 1[∃i: Y_j ∈ B(X_i, NND_k(X_i))]   (Kynkäänniemi et al. 2019)
       recall    = (1/N) Σ_i 1[∃j: X_i ∈ B(Y_j, NND_k(Y_j))]
       density   = (1/(kM)) Σ_j Σ_i 1[Y_j ∈ B(X_i, NND_k(X_i))]
       coverage  = (1/N) Σ_i 1[∃j: Y_j ∈ B(X_i, NND_k(X_i))]
-    for real X (N rows) and fake Y (M rows). O(N·M) distances, computed in row chunks; subsample
+    for real X (N rows) and fake Y (M rows). The strict ``<`` is the reference ``prdc`` package's
+    (Naeem et al.'s code, 0.2): it matters on ties — with repeated rows a radius can be 0, and a ball
+    of radius 0 holds nothing, not its copies. O(N·M) distances, computed in row chunks; subsample
     (Naeem et al. use 10k) for large sets.
     """
     r, g = _features(real_features, "real_features"), _features(fake_features, "fake_features")
@@ -198,11 +234,14 @@ def prdc(real_features, fake_features, k: int = 5, chunk: int = 1024) -> dict[st
     in_real_balls = np.zeros(len(g), dtype=np.int64)  # per fake: how many real balls contain it
     covered = np.zeros(len(r), dtype=bool)  # per real: does its ball contain a fake
     recalled = np.zeros(len(r), dtype=bool)  # per real: is it inside some fake ball
-    for s, e, d in _pairwise(r, g, chunk):  # d: (real block, M)
-        inside = d <= real_r[s:e, None]
+    for s, e, d, slack in _pairwise(r, g, chunk):  # d: (real block, M)
+        d_sq = d * d  # decide the entries within slack of a radius on exact distances
+        _recompute(d, r[s:e], g, (np.abs(d_sq - real_r[s:e, None] ** 2) <= slack)
+                   | (np.abs(d_sq - fake_r[None, :] ** 2) <= slack))
+        inside = d < real_r[s:e, None]
         in_real_balls += inside.sum(0)
         covered[s:e] = inside.any(1)
-        recalled[s:e] = (d <= fake_r[None, :]).any(1)
+        recalled[s:e] = (d < fake_r[None, :]).any(1)
     return {"precision": float((in_real_balls > 0).mean()), "recall": float(recalled.mean()),
             "density": float(in_real_balls.sum() / (k * len(g))), "coverage": float(covered.mean())}
 
