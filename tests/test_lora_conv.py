@@ -111,3 +111,27 @@ def test_locon_training_moves_conv_loras_and_reloads(base_unet, tiny_pipeline_di
         assert type(layer) is type(bank_layers(unet)[name])
         assert torch.equal(layer.lora_A, bank_layers(unet)[name].lora_A)
         assert torch.equal(layer.lora_B, bank_layers(unet)[name].lora_B)
+
+
+def test_few_mixes_path_equals_grouped_path(base_unet):
+    """A batch with few distinct mixes (one convolution per mix) == the same samples one by one
+    (the grouped convolution), with and without classifier-free guidance's doubled batch."""
+    unet = copy.deepcopy(base_unet)
+    layers = inject_lora_bank(unet, 2, rank=2, targets="locon")
+    _randomize_b(layers)
+    x, t, cond = _inputs(unet, 8, seed=8)
+    ids, weights = [[0, 1], [1, 0]] * 4, [[0.25, 0.75], [1.0, 0.0]] * 4
+    with torch.no_grad():
+        with routing(unet, ids, weights):
+            together = unet(x, t, encoder_hidden_states=cond).sample
+            conv = next(layer for layer in layers if isinstance(layer, LoraBankConv2d))
+            assert conv._mix_groups(8) is not None  # this batch took the per-mix path
+        with routing(unet, ids[:4], weights[:4]):  # routing for 4, activations for 8: the CFG layout
+            doubled = unet(x, t, encoder_hidden_states=cond).sample
+        for i in range(8):
+            with routing(unet, [ids[i]], [weights[i]]):
+                alone = unet(x[i:i + 1], t[i:i + 1], encoder_hidden_states=cond[i:i + 1]).sample
+            assert_close_scaled(together[i:i + 1], alone)
+            with routing(unet, [ids[i % 4]], [weights[i % 4]]):
+                alone = unet(x[i:i + 1], t[i:i + 1], encoder_hidden_states=cond[i:i + 1]).sample
+            assert_close_scaled(doubled[i:i + 1], alone)

@@ -256,11 +256,36 @@ class LoraBankConv2d(LoraBankLayer):
         n, cin, height, width = x.shape
         a, b = self._factors_for(n)
         mr = a.shape[1]
-        kernel = a.reshape(n * mr, cin, *self.base.kernel_size)
-        h = F.conv2d(x.reshape(1, n * cin, height, width).to(a.dtype), kernel, None, self.base.stride,
-                     self.base.padding, self.base.dilation, groups=n)         # [1, N·M·r, H', W']
+        x = x.to(a.dtype)
+        conv = dict(stride=self.base.stride, padding=self.base.padding, dilation=self.base.dilation)
+        groups = self._mix_groups(n)
+        if groups is None:  # (nearly) every sample its own mix: one grouped convolution, a group per sample
+            kernel = a.reshape(n * mr, cin, *self.base.kernel_size)
+            h = F.conv2d(x.reshape(1, n * cin, height, width), kernel, None, groups=n, **conv)
+            h = h.reshape(n, mr, -1)                                          # [N, M·r, H'·W']
+        else:  # few distinct mixes (training a bank, DataDream/TCKR batches): one plain convolution per mix
+            parts = [F.conv2d(x[rows], a[rows[0]].reshape(mr, cin, *self.base.kernel_size), None, **conv)
+                     for rows in groups]
+            order = torch.cat(groups)
+            h = torch.cat(parts)[torch.argsort(order)].reshape(n, mr, -1)
         out3 = out.reshape(n, self.fan_out, -1)
-        return self._add(out3, b, h.reshape(n, mr, -1), out.shape).to(out.dtype)
+        return self._add(out3, b, h, out.shape).to(out.dtype)
+
+    def _mix_groups(self, n: int) -> list[torch.Tensor] | None:
+        """Activation rows grouped by identical LoRA mix, or None when there are more than n/4 mixes."""
+        key = (self._routing_version, n)
+        cached = getattr(self, "_groups_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        rows = torch.cat([self.ids.to(torch.float64), self.weights.to(torch.float64)], dim=1)
+        _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        mixes = int(inverse.max()) + 1
+        groups = None
+        if mixes * 4 <= n:
+            inverse = inverse.to(self.lora_A.device).repeat(n // len(inverse))  # CFG: both halves, same mix
+            groups = [torch.nonzero(inverse == u).flatten() for u in range(mixes)]
+        self._groups_cache = (key, groups)
+        return groups
 
 
 def _matches(name: str, targets) -> bool:
