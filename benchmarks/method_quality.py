@@ -47,6 +47,9 @@ def variants(shots: int) -> dict[str, list[str]]:
         "loft-beta10": loft + ["synthesis.fusion.beta_alpha=10", "adapt.targets=attention"],
         "tckr-10x": ["synthesis.method=tckr", "adapt.batch_per_lora=32", "adapt.targets=attention",
                      f"synthesis.images_per_class={10 * shots}"],
+        # LoCon: the same per-class LoRAs on the attention, feed-forward and convolution layers (issue 10).
+        "datadream-locon": ["synthesis.method=datadream", "adapt.batch_per_lora=16", "adapt.targets=locon",
+                            "adapt.lr=0.001"],
         # The platform's default (conf/quickstart.yaml): whatever the config's adapt section says.
         "default": [],
         "real": [],  # handled by real_run
