@@ -63,10 +63,12 @@ def reference(tmp_path_factory, tiny_pipeline_dir):
     return digests(root)
 
 
-def wait_for_first_shard(root, proc, timeout=240):
+def wait_for_first_shard(root, proc, timeout=240, log=None):
     deadline = time.time() + timeout
     while time.time() < deadline and not list(root.glob("synthesis/*/data/_shards/*.json")):
-        assert proc.poll() is None, "the job exited before writing a shard"
+        if proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            raise AssertionError(f"the job exited ({proc.returncode}) before writing a shard:\n{tail}")
         time.sleep(0.1)
     stats = sorted(root.glob("synthesis/*/data/_shards/*.json"))
     assert stats, "no shard finished in time"
@@ -87,8 +89,10 @@ def test_sigkill_then_rerun_completes_with_identical_bytes(tmp_path, tiny_pipeli
     killed = tmp_path / "killed"
     # Twenty shards of ten images: the job is still running when the first shard lands.
     cmd = generate_cmd(killed, tiny_pipeline_dir)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for_first_shard(killed, proc)
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_first_shard(killed, proc, log=log)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     data = dataset_dir(killed)
