@@ -101,3 +101,25 @@ def have_fashion_mnist() -> bool:
     from synthset.data.sources import DEBIAN_DIR
 
     return Path(DEBIAN_DIR, "train-images-idx3-ubyte.gz").exists()
+
+
+def unet_inputs(unet, n: int, seed: int = 0):
+    """Seeded (latents, timesteps, 16-token text states) for ``n`` samples of a UNet2DConditionModel."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    c = unet.config
+    x = torch.randn(n, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    cond = torch.randn(n, 16, c.cross_attention_dim, generator=g)
+    return x, t, cond
+
+
+def randomize_lora_b(layers, seed: int = 1) -> None:
+    """Give LoRA bank layers non-zero B factors (fresh banks are the identity)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)

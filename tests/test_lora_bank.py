@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_adam_close, assert_close_scaled
+from conftest import assert_adam_close, assert_close_scaled, randomize_lora_b as _randomize_b, unet_inputs as _inputs
 from synthset.lora.bank import (LoraBankLinear, add_peft_adapter, bank_from_model, bank_layers, clear_routing,
                                 inject_lora_bank, load_bank, load_bank_into, merge_bank_files, merge_banks,
                                 remove_lora_bank, routing, save_bank, set_routing)
@@ -30,22 +30,6 @@ def noise_scheduler(tiny_pipeline_dir):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_pretrained(tiny_pipeline_dir / "scheduler")
-
-
-def _inputs(unet, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    c = unet.config
-    x = torch.randn(n, c.in_channels, c.sample_size, c.sample_size, generator=g)
-    t = torch.randint(0, 1000, (n,), generator=g)
-    cond = torch.randn(n, 16, c.cross_attention_dim, generator=g)
-    return x, t, cond
-
-
-def _randomize_b(layers, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in layers:
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
 
 
 def test_bank_training_equals_separate_training(base_unet, noise_scheduler):

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close_scaled
+from conftest import assert_close_scaled, randomize_lora_b as _randomize_b, unet_inputs as _inputs
 
 from synthset.lora.bank import (TARGET_PRESETS, LoraBankConv2d, LoraBankLinear, add_peft_adapter, bank_from_model,
                                 bank_layers, inject_lora_bank, load_bank, load_bank_into, resolve_targets, routing,
@@ -21,22 +21,6 @@ def base_unet(tiny_pipeline_dir):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet", use_safetensors=True).eval()
-
-
-def _inputs(unet, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    c = unet.config
-    x = torch.randn(n, c.in_channels, c.sample_size, c.sample_size, generator=g)
-    t = torch.randint(0, 1000, (n,), generator=g)
-    cond = torch.randn(n, 16, c.cross_attention_dim, generator=g)
-    return x, t, cond
-
-
-def _randomize_b(layers, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in layers:
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
 
 
 def test_locon_targets_wrap_convolutions_and_linears(base_unet):
