@@ -61,6 +61,8 @@ def resolve_targets(targets) -> tuple[str, ...]:
                              "or give a list of module names")
         return TARGET_PRESETS[targets]
     return tuple(targets)
+
+
 FORMAT = "synthset-lora-bank"
 FORMAT_VERSION = "1"
 
@@ -120,6 +122,8 @@ class LoraBankLayer(nn.Module):
         self._cache_routed = True
         self._routing_version = 0
         self._cache: tuple | None = None
+        self.mix_of_row: torch.Tensor | None = None   # routing row → index of its distinct (ids, weights) mix
+        self._groups: tuple | None = None
 
     @property
     def fan_in(self) -> int:
@@ -141,13 +145,16 @@ class LoraBankLayer(nn.Module):
         return f"num_loras={self.num_loras}, rank={self.rank}, alpha={self.alpha}, first_id={self.first_id}"
 
     def set_routing(self, ids: torch.Tensor | None, weights: torch.Tensor | None, active: bool = True,
-                    cache: bool = True) -> None:
-        """Route sample b through LoRAs ``ids[b]`` with ``weights[b]`` (validated by ``set_routing``)."""
+                    cache: bool = True, mix_of_row: torch.Tensor | None = None) -> None:
+        """Route sample b through LoRAs ``ids[b]`` with ``weights[b]`` (validated by ``set_routing``);
+        ``mix_of_row[b]`` numbers row b's distinct mix (``set_routing`` computes it once for every layer)."""
         if ids is None:
-            self.ids = self.weights = None
+            self.ids = self.weights = self.mix_of_row = None
         else:
             self.ids = ids.to(self.lora_A.device)
             self.weights = weights.to(self.lora_A.device, self.lora_A.dtype)
+            self.mix_of_row = mix_of_row
+        self._groups = None
         self._active = active and ids is not None
         self._cache_routed = cache
         self._routing_version += 1
@@ -206,13 +213,7 @@ class LoraBankLinear(LoraBankLayer):
         return self.base.out_features
 
     # nn.Linear's attributes, for code that inspects attn.to_q.weight / in_features.
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
+    in_features, out_features = fan_in, fan_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -230,7 +231,8 @@ class LoraBankLinear(LoraBankLayer):
 class LoraBankConv2d(LoraBankLayer):
     """``LoraBankLayer`` on an ``nn.Conv2d`` (LoCon): A is the base's k×k convolution to r
     channels (same stride, padding, dilation), B a 1×1 convolution to the output channels, as
-    peft's conv LoRA. Per-sample A_w run as one grouped convolution (a group per sample)."""
+    peft's conv LoRA. With few distinct mixes in a batch, one plain convolution per mix; otherwise
+    the per-sample A_w run as one grouped convolution (a group per sample)."""
 
     base_type = nn.Conv2d
 
@@ -273,19 +275,22 @@ class LoraBankConv2d(LoraBankLayer):
 
     def _mix_groups(self, n: int) -> list[torch.Tensor] | None:
         """Activation rows grouped by identical LoRA mix, or None when there are more than n/4 mixes."""
-        key = (self._routing_version, n)
-        cached = getattr(self, "_groups_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        rows = torch.cat([self.ids.to(torch.float64), self.weights.to(torch.float64)], dim=1)
-        _, inverse = torch.unique(rows, dim=0, return_inverse=True)
-        mixes = int(inverse.max()) + 1
+        if self._groups is not None and self._groups[0] == n:
+            return self._groups[1]
+        mix = self.mix_of_row if self.mix_of_row is not None else mix_index(self.ids, self.weights)
+        mixes = int(mix.max()) + 1
         groups = None
         if mixes * 4 <= n:
-            inverse = inverse.to(self.lora_A.device).repeat(n // len(inverse))  # CFG: both halves, same mix
-            groups = [torch.nonzero(inverse == u).flatten() for u in range(mixes)]
-        self._groups_cache = (key, groups)
+            mix = mix.to(self.lora_A.device).repeat(n // len(mix))  # CFG: both halves, same mix
+            groups = [torch.nonzero(mix == u).flatten() for u in range(mixes)]
+        self._groups = (n, groups)
         return groups
+
+
+def mix_index(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """For each routing row, the number of its distinct (ids, weights) mix (0 … mixes − 1)."""
+    rows = torch.cat([ids.to(torch.float64), weights.to(torch.float64)], dim=1)
+    return torch.unique(rows, dim=0, return_inverse=True)[1]
 
 
 def _matches(name: str, targets) -> bool:
@@ -384,8 +389,9 @@ def set_routing(unet: nn.Module, ids, weights=None, cache: bool = True) -> None:
     ref = layers[0].lora_A
     ids, weights = ids.to(ref.device, torch.long), weights.to(ref.device, ref.dtype)  # once, not per layer
     active = bool((weights != 0).any())
+    mix_of_row = mix_index(ids, weights)
     for layer in layers:
-        layer.set_routing(ids, weights, active=active, cache=cache)
+        layer.set_routing(ids, weights, active=active, cache=cache, mix_of_row=mix_of_row)
 
 
 def clear_routing(unet: nn.Module) -> None:
