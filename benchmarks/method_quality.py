@@ -117,12 +117,11 @@ def real_run(cfg: Config, per_class: int, seed: int) -> dict:
             stats.append(write_shard(dataset, i, samples))
         write_manifest(dataset, {"class_names": names, "method": "real", "generator": None}, stats)
     row = {"images": len(picked), "method": "real", "teacher": teacher["test_accuracy"]}
-    seeded = Config.model_validate({**cfg.to_dict(), "student": {**cfg.student.model_dump(mode="json"), "seed": seed}})
-    for labels in cfg.student.labels:
-        stage_hash = config_hash({"dataset": key, "student": seeded.student.model_dump(mode="json"), "labels": labels})
+    for labels in cfg.student.labels:  # cfg.student.seed is the run's seed (seed_overrides)
+        stage_hash = config_hash({"dataset": key, "student": cfg.student.model_dump(mode="json"), "labels": labels})
         stage = StageDir(f"student-real-{labels}", stage_hash,
                          storage.join(output_root(cfg), f"student-real-{labels}", stage_hash))
-        row[f"student_{labels}"] = run_student(seeded, dataset, labels, stage=stage)["test_accuracy"]
+        row[f"student_{labels}"] = run_student(cfg, dataset, labels, stage=stage)["test_accuracy"]
     row["wall_s"] = round(time.time() - t0)
     return row
 
