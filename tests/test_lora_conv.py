@@ -9,8 +9,8 @@ import torch
 from conftest import assert_close_scaled, randomize_lora_b as _randomize_b, unet_inputs as _inputs
 
 from synthset.lora.bank import (TARGET_PRESETS, LoraBankConv2d, LoraBankLinear, add_peft_adapter, bank_from_model,
-                                bank_layers, inject_lora_bank, load_bank, load_bank_into, resolve_targets, routing,
-                                save_bank)
+                                bank_layers, fold_lora_into_base, inject_lora_bank, load_bank, load_bank_into,
+                                resolve_targets, routing, save_bank)
 from synthset.lora.train import train_lora_bank
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,3 +119,22 @@ def test_few_mixes_path_equals_grouped_path(base_unet):
             with routing(unet, [ids[i % 4]], [weights[i % 4]]):
                 alone = unet(x[i:i + 1], t[i:i + 1], encoder_hidden_states=cond[i:i + 1]).sample
             assert_close_scaled(doubled[i:i + 1], alone)
+
+
+def test_folded_lora_equals_routed_lora(base_unet):
+    """TCKR's synthesis folds its one LoRA into the weights: the same function as routing every sample."""
+    unet = copy.deepcopy(base_unet)
+    _randomize_b(inject_lora_bank(unet, 2, rank=3, alpha=6.0, targets="locon", first_id=4))
+    x, t, cond = _inputs(unet, 4, seed=5)
+    with torch.no_grad():
+        with routing(unet, [[1]] * 4, [[0.75]] * 4):
+            routed = unet(x, t, encoder_hidden_states=cond).sample
+        base = base_unet(x, t, encoder_hidden_states=cond).sample
+        with pytest.raises(ValueError, match="unknown LoRA id 3"):
+            fold_lora_into_base(unet, 3)
+        fold_lora_into_base(unet, 5, 0.75)
+        assert not bank_layers(unet)
+        folded = unet(x, t, encoder_hidden_states=cond).sample
+    assert float((routed - base).abs().max()) > 1e-2  # the LoRA really changes the output
+    # Folding sums W + ΔW before the product instead of after: float32 rounding of the same maths.
+    assert_close_scaled(folded, routed)

@@ -352,6 +352,30 @@ def remove_lora_bank(unet: nn.Module) -> None:
         _replace_module(unet, name, layer.base)
 
 
+@torch.no_grad()
+def fold_lora_into_base(unet: nn.Module, lora_id: int, weight: float = 1.0) -> None:
+    """Merge one LoRA of the bank into the base weights and remove the bank: W ← W + w (alpha/r) B A.
+
+    For a method whose every request uses the same single LoRA at the same weight (TCKR), the
+    folded model computes the same function as routing every sample through that LoRA, at the
+    base model's speed (no per-layer LoRA products). A conv LoRA's A is a k×k convolution to r
+    channels and B a 1×1 convolution back, so B A reshaped is a k×k kernel of the base's shape.
+    ``lora_id`` is global (the bank's ``first_id`` counts).
+    """
+    layers = _require_layers(unet)
+    if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
+        raise ValueError(f"fold_lora_into_base: weight {weight} outside [0, 1]")
+    k = int(lora_id) - layers[0].first_id
+    if not 0 <= k < layers[0].num_loras:
+        raise ValueError(f"fold_lora_into_base: unknown LoRA id {lora_id} (the bank holds "
+                         f"{layers[0].first_id}..{layers[0].first_id + layers[0].num_loras - 1})")
+    for layer in layers:
+        base = layer.base
+        delta = (layer.lora_B[k].float() @ layer.lora_A[k].float()) * (weight * layer.scale)  # [out, fan_in]
+        base.weight.add_(delta.reshape(base.weight.shape).to(base.weight.dtype))
+    remove_lora_bank(unet)
+
+
 def _require_layers(unet: nn.Module) -> list[LoraBankLayer]:
     layers = list(bank_layers(unet).values())
     if not layers:

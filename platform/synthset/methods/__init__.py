@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 LORA_METHODS = ("tckr", "datadream", "loft")
 CAPTION_METHODS = ("caption_prompt", "tckr")
 METHODS = ("class_prompt", "caption_prompt", "tckr", "datadream", "loft")
+# Methods whose every request uses LoRA 0 at weight 1 (TCKR's one dataset LoRA): synthesis folds
+# it into the UNet's weights (``lora.bank.fold_lora_into_base``) instead of routing each sample.
+SINGLE_LORA_METHODS = ("tckr",)
 
 
 @dataclass(frozen=True)

@@ -83,15 +83,19 @@ class ShardGenerator:
         device, dtype = _torch_setup(self.cfg.actors.num_cpus, self.cfg.actors.num_gpus, self.cfg.dtype)
         # Half precision only on GPU; on CPU it is slower (bf16) or unsupported (fp16).
         self.pipe = load_foundation(model_path, device=device, dtype=dtype if device == "cuda" else None)
+        self.fused = bool(loras)
         if loras:  # the adapted LoRAs, every one of them, routed per sample at generation time
-            from synthset.lora.bank import load_bank_into
+            from synthset.lora.bank import fold_lora_into_base, load_bank_into
+            from synthset.methods import SINGLE_LORA_METHODS
 
             load_bank_into(self.pipe.unet, loras)
+            if self.cfg.method in SINGLE_LORA_METHODS:  # one LoRA for every image: merged, base speed
+                fold_lora_into_base(self.pipe.unet, 0, 1.0)
+                self.fused = False
         if self.cfg.compile:
             self.pipe.unet = torch.compile(self.pipe.unet)
         self.class_names, self.run_seed, self.dataset, self.generator_id = class_names, run_seed, dataset, generator_id
         self.context = _context_from_dict(context, class_names, self.cfg)
-        self.fused = bool(loras)
         self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
 
     def __call__(self, batch: dict) -> dict:
