@@ -99,7 +99,9 @@ def train_bank(model_path: str, images: np.ndarray, prompts: list[str], owner: n
     t0 = time.time()
     with torch.no_grad():
         latents = encode_latents(pipe.vae, to_unit_tensor(images).to(device)) * pipe.vae.config.scaling_factor
-        cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)
+        # Each distinct prompt encoded once (TCKR over a whole private set repeats its captions).
+        distinct, inverse = np.unique(np.asarray(prompts, dtype=object).astype(str), return_inverse=True)
+        cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, distinct.tolist())[torch.as_tensor(inverse)]
     inject_lora_bank(pipe.unet, num_loras, settings["rank"], settings["alpha"], settings["targets"], seed=cfg.seed,
                      first_id=first_id)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
