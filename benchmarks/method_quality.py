@@ -50,6 +50,10 @@ def variants(shots: int) -> dict[str, list[str]]:
         # LoCon: the same per-class LoRAs on the attention, feed-forward and convolution layers (issue 10).
         "datadream-locon": ["synthesis.method=datadream", "adapt.batch_per_lora=16", "adapt.targets=locon",
                             "adapt.lr=0.001"],
+        # TCKR's one dataset LoRA as LoCon (conf/tckr_locon.yaml) over the whole private split, at the
+        # same cardinality as the prompt-only rows.
+        "tckr-locon": ["synthesis.method=tckr", "adapt.shots_per_class=null", "adapt.targets=locon", "adapt.rank=32",
+                       "adapt.lr=0.001", "adapt.steps=400", "adapt.batch_per_lora=64", "adapt.cpus_per_worker=2"],
         # The platform's default (conf/quickstart.yaml): whatever the config's adapt section says.
         "default": [],
         "real": [],  # handled by real_run
