@@ -64,11 +64,12 @@ def run_generation(cfg: Config, class_names: list[str], resume: bool = True, tra
     from synthset.stages.synthesize import run_synthesis
 
     method, model = cfg.synthesis.method, foundation_model_path(cfg)
-    captions = run_caption(cfg, "private", resume, tracker)["captions"] if method in CAPTION_METHODS else None
+    caption = run_caption(cfg, "private", resume, tracker) if method in CAPTION_METHODS else None
+    captions = caption["captions"] if caption else None
     adapt = run_adapt(cfg, model, captions, resume, tracker) if method in LORA_METHODS else None
     context = plan_context(cfg, class_names, adapt["table"] if adapt else None, captions)
     summary = run_synthesis(cfg, model, class_names, resume, tracker, context, adapt["loras"] if adapt else None)
-    return {**summary, "adapt": adapt}
+    return {**summary, "caption": caption, "adapt": adapt}
 
 
 def describe(cfg: Config) -> dict:
@@ -138,7 +139,9 @@ def run_pipeline(cfg: Config, resume: bool = True) -> dict:
             **({"report": evaluation["report"], **{k: v for k, v in evaluation.items() if k.startswith(
                 ("gen_", "replication_", "lira_"))}} if evaluation else {}),
             "stage_seconds": {name: round(st.get("seconds", 0.0), 1) for name, st in
-                              [("foundation", foundation), ("teacher", teacher), ("synthesis", synthesis),
+                              [("foundation", foundation), ("teacher", teacher),
+                               *[(name, synthesis[name]) for name in ("caption", "adapt") if synthesis.get(name)],
+                               ("synthesis", synthesis),
                                ("label", label), *[(f"student-{k}", v) for k, v in students.items()],
                                ("evaluate", evaluation)]},
         }
