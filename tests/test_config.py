@@ -101,3 +101,13 @@ def test_extends_merges_sections_over_the_base_and_rejects_cycles(tmp_path):
     (tmp_path / "orphan.yaml").write_text("extends: missing.yaml\n")
     with pytest.raises(FileNotFoundError, match="missing.yaml.*extended by"):
         load_config(tmp_path / "orphan.yaml")
+
+
+def test_source_fields_at_their_defaults_keep_the_stage_hashes():
+    """The own-data fields change a stage's hash only when set: existing runs stay reusable."""
+    base = load_config(str(ROOT / "conf" / "quickstart.yaml"))
+    same = load_config(str(ROOT / "conf" / "quickstart.yaml"), ["data.channels=1", "data.on_bad_image=error"])
+    rgb = load_config(str(ROOT / "conf" / "quickstart.yaml"), ["data.channels=3"])
+    for stage in ("foundation", "teacher", "synthesis"):
+        assert stage_hash(same, stage) == stage_hash(base, stage)
+        assert stage_hash(rgb, stage) != stage_hash(base, stage)

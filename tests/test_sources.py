@@ -4,7 +4,9 @@ import struct
 import numpy as np
 import pytest
 
-from synthset.data.sources import load_digits_fixture, locate_fashion_mnist, read_idx
+from synthset.config import DATA_SOURCES, DataConfig, load_config
+from synthset.data.sources import SOURCES, load_digits_fixture, locate_fashion_mnist, open_source, read_idx
+from synthset.data.splits import load_source
 from conftest import have_fashion_mnist
 
 
@@ -59,3 +61,53 @@ def test_fashion_mnist_from_the_debian_package():
     train, test = load_fashion_mnist(download=False)
     assert train.images.shape == (60000, 28, 28) and test.images.shape == (10000, 28, 28)
     assert np.bincount(test.labels).tolist() == [1000] * 10
+
+
+def test_every_configurable_source_has_an_opener():
+    assert tuple(SOURCES) == DATA_SOURCES
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.source=mnist"], "data.source: Input should be 'fashion_mnist', 'digits', 'image_folder', 'webdataset'"),
+    (["data.source=image_folder"], "data.path: required for data.source='image_folder'"),
+    (["data.source=hf"], "data.path: required for data.source='hf'"),
+    (["data.source=digits", "data.path=/x"], "data.path: not read by data.source='digits'"),
+    (["data.source=fashion_mnist", "data.test_path=/x"], "data.test_path: not read by data.source='fashion_mnist'"),
+    (["data.source=image_folder", "data.path=/x", "data.root=/y"], "data.root: read only by data.source="),
+    (["data.source=hf", "data.path=/x", "data.test_path=/y"], "data.test_path: not read by data.source='hf'"),
+    (["data.channels=2"], "data.channels: Input should be 1 or 3"),
+    (["data.on_bad_image=ignore"], "data.on_bad_image: Input should be 'error' or 'skip'"),
+    (["data.test_fraction=1"], "data.test_fraction"),
+    (["data.alpha_background=300"], "data.alpha_background"),
+    (["data.source=webdataset", "data.path=/x", "data.class_names=[a, a]"], "data.class_names: repeated names"),
+])
+def test_source_settings_are_checked_before_any_work(overrides, message):
+    with pytest.raises(ValueError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_an_unknown_source_is_an_error_not_digits():
+    # Validation rejects it first; a DataConfig built without validation must not silently read digits.
+    cfg = DataConfig.model_construct(**{**DataConfig().model_dump(), "source": "mnist"})
+    with pytest.raises(ValueError, match="data.source: unknown source 'mnist'"):
+        load_source(cfg)
+
+
+def test_array_sources_follow_the_protocol():
+    gray = open_source(DataConfig(source="digits"))
+    assert gray.parts == ("train", "test") and gray.native_size == (8, 8)
+    train, test = load_digits_fixture()
+    loaded = gray.load("train")
+    np.testing.assert_array_equal(loaded.images, train.images)            # channels=1: the arrays as they were
+    assert loaded.keys[0] == "train/0000" and loaded.channels == 1
+    first = next(gray.samples("test"))
+    assert first.key == "test/000" and first.label == test.labels[0]
+    np.testing.assert_array_equal(first.image, test.images[0])
+    rgb = open_source(DataConfig(source="digits", channels=3))
+    fitted = rgb.load("test", 10)
+    assert fitted.images.shape == (len(test), 10, 10, 3) and fitted.channels == 3
+    np.testing.assert_array_equal(fitted.images[:, 1:9, 1:9, 2], test.images)  # padded, grey in every channel
+    np.testing.assert_array_equal(next(rgb.samples("test", 10)).image, fitted.images[0])
+    with pytest.raises(ValueError, match="no 'validation' part"):
+        gray.load("validation")

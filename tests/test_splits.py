@@ -98,3 +98,14 @@ def test_public_classes_hold_classes_out_of_the_public_split_only():
     assert splits.record()["public_classes"] == ["zero", "one", "two"]
     with pytest.raises(ValueError, match=r"data.public_classes: unknown class\(es\) \['cat'\]"):
         make_splits(DataConfig(source="digits", public_classes=["cat"], splits={"public": 60, "private": 400}))
+
+
+def test_sources_without_a_test_set_give_up_a_fixed_fraction_by_key():
+    from synthset.data.splits import in_test_set
+
+    keys = np.array([f"cls/{i:04d}.png" for i in range(2000)])
+    mask = in_test_set(keys, 0.2)
+    assert 300 < mask.sum() < 500                                        # about 20%
+    more = np.concatenate([keys, [f"new/{i}.png" for i in range(500)]])
+    np.testing.assert_array_equal(in_test_set(more, 0.2)[:2000], mask)    # new images move no old one
+    np.testing.assert_array_equal(in_test_set(keys[::-1], 0.2), mask[::-1])  # a function of the key, not the order

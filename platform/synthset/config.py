@@ -91,12 +91,54 @@ class CaptionConfig(Section):
 
 
 PUBLIC_SHIFTS = ("none", "shrink", "blur", "flip", "invert")
+# The real-image sources (data/sources.py holds one opener per name; a test keeps the two in step).
+DATA_SOURCES = ("fashion_mnist", "digits", "image_folder", "webdataset", "hf")
+# Sources that read the user's data from data.path.
+PATH_SOURCES = ("image_folder", "webdataset", "hf")
 
 
 class DataConfig(Section):
-    source: Literal["fashion_mnist", "digits"] = "fashion_mnist"
-    root: str | None = Field(None, description="Directory holding the four IDX files (.gz or raw).")
-    download: bool = Field(True, description="Fall back to the official download when no local copy exists.")
+    source: Literal[DATA_SOURCES] = Field(
+        "fashion_mnist", description="The real images: fashion_mnist (IDX files, see root), digits (sklearn's 8x8 "
+        "digits, a test fixture), image_folder (root/<class>/<image> folders), webdataset (.tar shards), hf (a Hugging "
+        "Face datasets dataset); the last three read data.path (data/sources.py).")
+    root: str | None = Field(None, description="fashion_mnist only: directory holding the four IDX files (.gz or raw).")
+    download: bool = Field(True, description="fashion_mnist: fall back to the official download when no local "
+                           "copy exists.")
+    path: str | None = Field(
+        None, description="Where image_folder, webdataset and hf read (required for them): image_folder: the directory "
+        "whose subfolders are the classes (sorted names = class names); webdataset: a directory of .tar shards or a "
+        "brace/glob pattern such as 'shards/train-{000000..000009}.tar'; hf: a directory written by save_to_disk, or a "
+        "hub id (loaded with load_dataset where the network allows).")
+    test_path: str | None = Field(
+        None, description="image_folder / webdataset: the test images, laid out as data.path (same class folders / "
+        "labels). None: a fixed data.test_fraction of data.path's images is the test set.")
+    split: str = Field("train", min_length=1, description="hf: the dataset split holding the training images.")
+    test_split: str | None = Field(
+        None, description="hf: the dataset split holding the test images; None: a fixed data.test_fraction of split.")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Sources without their own test images (no test_path / test_split): about this "
+        "fraction of the images, chosen by a hash of each image's key (no seed: the same test set for every split "
+        "seed, and an image stays where it is when others are added), becomes the test set.")
+    channels: Literal[1, 3] = Field(
+        1, description="Colour mode images are converted to: 1 = grayscale ('L'), 3 = RGB. Transparent pixels are "
+        "composited over data.alpha_background (data/images.py).")
+    alpha_background: int = Field(
+        255, ge=0, le=255, description="Grey level (0 black .. 255 white) that images with transparency (RGBA, LA, "
+        "palette with a transparent colour) are composited over, instead of dropping their alpha channel.")
+    on_bad_image: Literal["error", "skip"] = Field(
+        "error", description="An image file that cannot be decoded (or a sample without image or label): error = stop "
+        "with a ValueError naming it; skip = leave it out and list it (ImageSet.skipped, printed by load_source).")
+    image_column: str = Field("image", min_length=1, description="hf: the column holding the images.")
+    label_column: str = Field("label", min_length=1, description="hf: the column holding the labels (a ClassLabel "
+                              "gives the class names; otherwise integers or class-name strings).")
+    label_key: str | None = Field(
+        None, min_length=1, description="webdataset: None reads the label from each sample's .cls member; a name "
+        "reads that field of its .json member (an integer class index or a class-name string).")
+    class_names: list[str] | None = Field(
+        None, min_length=2, description="webdataset / hf: the class names, in class-index order, when the data has "
+        "none of its own (no ClassLabel feature, no manifest.json); None: sorted string labels, or '0', '1', … for "
+        "integer labels.")
     image_size: int = Field(32, ge=8, le=1024, description="Images are zero-padded/resized to this square size.")
     splits: SplitsConfig = SplitsConfig()
     public_shift: Literal[PUBLIC_SHIFTS] = Field(
@@ -107,6 +149,23 @@ class DataConfig(Section):
     public_classes: list[str] | None = Field(
         None, description="Class names the public split keeps (None: all); the others are new to the foundation model.")
     caption: CaptionConfig = Field(default_factory=lambda: CaptionConfig())
+
+    @model_validator(mode="after")
+    def _source_fields(self):
+        """Each source's required fields are set, and no field is set that the chosen source would ignore."""
+        if self.source in PATH_SOURCES and not self.path:
+            raise ValueError(f"data.path: required for data.source={self.source!r} (the folder, shards or dataset "
+                             "to read)")
+        if self.source not in PATH_SOURCES and (self.path or self.test_path):
+            field = "data.path" if self.path else "data.test_path"
+            raise ValueError(f"{field}: not read by data.source={self.source!r}, only by {', '.join(PATH_SOURCES)}")
+        if self.source in PATH_SOURCES and self.root:
+            raise ValueError(f"data.root: read only by data.source='fashion_mnist'; {self.source} reads data.path")
+        if self.source == "hf" and self.test_path:
+            raise ValueError("data.test_path: not read by data.source='hf'; name its test split in data.test_split")
+        if self.class_names is not None and len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"data.class_names: repeated names in {self.class_names}")
+        return self
 
 
 class FoundationArch(Section):
@@ -405,6 +464,11 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+DATA_FIELDS_SINCE_SOURCES = ("path", "test_path", "split", "test_split", "test_fraction", "channels",
+                             "alpha_background", "on_bad_image", "image_column", "label_column", "label_key",
+                             "class_names")
+
+
 def stage_hash(cfg: Config, stage: str, extra: Any = None) -> str:
     """Hash of exactly what ``stage``'s output depends on (see ``STAGE_INPUTS``)."""
     d = cfg.to_dict()
@@ -413,6 +477,8 @@ def stage_hash(cfg: Config, stage: str, extra: Any = None) -> str:
     drop = list(EXECUTION_ONLY) + [k for k, methods in _METHOD_ONLY.items() if cfg.synthesis.method not in methods]
     if cfg.data.splits.holdout == 0:  # configs without a holdout keep the hashes they had before it existed
         drop.append("data.splits.holdout")
+    # Likewise the data fields added with the own-data sources: at their defaults they change nothing.
+    drop += [f"data.{k}" for k in DATA_FIELDS_SINCE_SOURCES if getattr(cfg.data, k) == DataConfig.model_fields[k].default]
     if stage == "student" and not (cfg.replication.enabled and cfg.replication.action == "drop"):
         drop.append("replication")  # flagging does not change what the Student trains on
     for dotted in drop:

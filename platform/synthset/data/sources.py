@@ -1,6 +1,25 @@
-"""Real-image sources: Fashion-MNIST (IDX files) and sklearn's digits (a tiny test fixture).
+"""Real-image sources behind one protocol: each yields (key, image, label) samples and names its classes.
 
-A source returns an ``ImageSet``: uint8 images (N, H, W), int64 labels (N,), class names.
+``open_source(cfg.data)`` returns the ``Source`` that ``data.source`` names:
+
+| name | reads | class names |
+| --- | --- | --- |
+| ``fashion_mnist`` | the four IDX files (``data.root``, the Debian package, a download) | ten garment names |
+| ``digits`` | sklearn's 8×8 digits, split 80/20 (a tiny test fixture) | "zero" … "nine" |
+| ``image_folder`` | ``data.path/<class>/<image>`` (``folder_source.py``) | sorted subfolder names |
+| ``webdataset`` | local ``.tar`` shards with ``.cls`` or a ``.json`` label (``webdataset_source.py``) | see there |
+| ``hf`` | a Hugging Face ``datasets`` dataset (``hf_source.py``) | its ClassLabel feature, see there |
+
+A source has *parts*: ``"train"`` always, ``"test"`` when it has its own test images
+(``splits.load_source`` sets a test set aside otherwise). ``source.samples(part, size)`` streams
+``Sample(key, image, label)``: ``key`` is stable and unique within the part (``"train/00042"``,
+``"cat/img_001.jpg"``, ``"shard-000003.tar/abc"``), ``image`` is uint8 (H, W) when
+``data.channels`` is 1 and (H, W, 3) when it is 3, converted from whatever mode the file has
+(``images.py``), and fitted to a square ``size`` when one is given. ``source.load(part, size)``
+stacks a part into an ``ImageSet``. Images that cannot be decoded raise a ``ValueError`` naming
+them, or with ``data.on_bad_image: skip`` are left out and listed in ``source.skipped[part]``
+(and ``ImageSet.skipped``).
+
 Fashion-MNIST is looked for in ``data.root``, then in the Debian package's directory
 (``apt-get install dataset-fashion-mnist``), then downloaded when ``data.download`` allows.
 """
@@ -11,14 +30,19 @@ import gzip
 import os
 import struct
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
+
+from synthset.config import DataConfig
+from synthset.data.images import BadImage, fit_images, read_image
 
 FASHION_MNIST_CLASSES = [
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
 ]
+DIGITS_CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
     "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
@@ -26,19 +50,156 @@ FASHION_MNIST_FILES = {
 # Where `apt-get install dataset-fashion-mnist` puts the files (overridable for tests).
 DEBIAN_DIR = os.environ.get("SYNTHSET_FMNIST_DEBIAN_DIR", "/usr/share/datasets/fashion-mnist")
 DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_CACHE = "~/.cache/synthset/fashion-mnist"
+
+
+class Sample(NamedTuple):
+    """One image of a source: a stable ``key``, uint8 pixels (H, W) or (H, W, 3), a class index."""
+
+    key: str
+    image: np.ndarray
+    label: int
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """An image left out under ``data.on_bad_image: skip``: what it was (``name``) and why."""
+
+    name: str
+    reason: str
 
 
 @dataclass
 class ImageSet:
-    images: np.ndarray  # uint8 (N, H, W)
+    images: np.ndarray  # uint8 (N, H, W) for one channel, (N, H, W, 3) for RGB
     labels: np.ndarray  # int64 (N,)
     class_names: list[str]
+    keys: np.ndarray | None = None  # str (N,): each image's source key, when the source has them
+    skipped: list[SkippedImage] = field(default_factory=list)  # bad images left out of this set
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def channels(self) -> int:
+        return 1 if self.images.ndim == 3 else self.images.shape[-1]
+
     def subset(self, index: np.ndarray) -> "ImageSet":
-        return ImageSet(self.images[index], self.labels[index], self.class_names)
+        keys = None if self.keys is None else self.keys[index]
+        return ImageSet(self.images[index], self.labels[index], self.class_names, keys)
+
+
+class Source:
+    """The protocol every real-image source follows (see the module docstring).
+
+    Subclasses set ``parts``, provide ``class_names`` and implement ``_samples(part, size)``;
+    they read images through ``self._read`` (decoding, mode conversion, bad-image policy) and
+    report unusable samples through ``self._reject``.
+
+    ``channels``: 1 (grayscale) or 3 (RGB); ``on_bad_image``: ``"error"`` or ``"skip"``;
+    ``background``: the grey level transparent pixels are composited over.
+    """
+
+    parts: tuple[str, ...] = ("train",)
+    # The (H, W) every image of the source has, when they all share one (arrays); None when sizes vary.
+    native_size: tuple[int, int] | None = None
+
+    def __init__(self, channels: int = 1, on_bad_image: str = "error", background: int = 255):
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels: must be 1 or 3 (got {channels!r})")
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_image: must be 'error' or 'skip' (got {on_bad_image!r})")
+        self.channels, self.on_bad_image, self.background = channels, on_bad_image, background
+        self.skipped: dict[str, list[SkippedImage]] = {}
+
+    @property
+    def class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def samples(self, part: str = "train", size: int | None = None) -> Iterator[Sample]:
+        """Stream the part's samples in a fixed order; ``size``: fit every image to size × size."""
+        if part not in self.parts:
+            raise ValueError(f"{type(self).__name__} has no {part!r} part (it has {', '.join(self.parts)})")
+        self.skipped[part] = []
+        yield from self._samples(part, size)
+
+    def load(self, part: str = "train", size: int | None = None) -> ImageSet:
+        """The whole part in memory. Without ``size`` its images must all have the same size."""
+        keys, images, labels = [], [], []
+        for sample in self.samples(part, size):
+            if images and sample.image.shape != images[0].shape:
+                raise ValueError(f"{sample.key}: image of shape {sample.image.shape}, but {keys[0]} has "
+                                 f"{images[0].shape}; images of different sizes need a size (data.image_size)")
+            keys.append(sample.key)
+            images.append(sample.image)
+            labels.append(sample.label)
+        if not images:
+            raise ValueError(f"{type(self).__name__}: no usable images in the {part!r} part"
+                             + (f" ({len(self.skipped[part])} skipped)" if self.skipped.get(part) else ""))
+        return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64), self.class_names,
+                        np.asarray(keys, dtype=str), list(self.skipped[part]))
+
+    def _samples(self, part: str, size: int | None) -> Iterator[Sample]:
+        raise NotImplementedError
+
+    def _reject(self, part: str, name: str, reason: str) -> None:
+        """A sample that cannot be used: raise, or (``on_bad_image: skip``) list it and go on."""
+        if self.on_bad_image == "error":
+            raise BadImage(name, reason + " (data.on_bad_image: skip leaves such images out)")
+        self.skipped[part].append(SkippedImage(name, reason))
+
+    def _read(self, part: str, data, name: str, size: int | None) -> np.ndarray | None:
+        """``images.read_image`` with the bad-image policy: the pixels, or None when skipped."""
+        try:
+            return read_image(data, name, self.channels, size, self.background)
+        except BadImage as err:
+            self._reject(part, err.name, err.reason)
+            return None
+
+
+class ArraySource(Source):
+    """A source already held as grayscale uint8 arrays (Fashion-MNIST, digits), loaded on first use.
+
+    ``load`` converts whole arrays at once; with channels=1 and no size it returns them untouched,
+    so the embedded default behaves exactly as before sources had a protocol.
+    """
+
+    parts = ("train", "test")
+
+    def __init__(self, read: Callable[[], tuple["ImageSet", "ImageSet"]], class_names: list[str],
+                 native_size: tuple[int, int], channels: int = 1):
+        super().__init__(channels)
+        self._read_arrays, self._class_names, self.native_size = read, list(class_names), native_size
+        self._arrays: dict[str, ImageSet] | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        return self._class_names
+
+    def _part(self, part: str) -> ImageSet:
+        if self._arrays is None:
+            train, test = self._read_arrays()
+            self._arrays = {"train": train, "test": test}
+        return self._arrays[part]
+
+    def _convert(self, images: np.ndarray, size: int | None) -> np.ndarray:
+        if self.channels == 3:
+            images = np.repeat(images[..., None], 3, axis=-1)
+        return images if size is None else fit_images(images, size)
+
+    def _samples(self, part: str, size: int | None) -> Iterator[Sample]:
+        arrays = self._part(part)
+        digits = len(str(max(len(arrays) - 1, 0)))
+        for i, (image, label) in enumerate(zip(arrays.images, arrays.labels)):
+            yield Sample(f"{part}/{i:0{digits}d}", self._convert(image[None], size)[0], int(label))
+
+    def load(self, part: str = "train", size: int | None = None) -> ImageSet:
+        if part not in self.parts:
+            raise ValueError(f"{type(self).__name__} has no {part!r} part (it has {', '.join(self.parts)})")
+        arrays = self._part(part)
+        digits = len(str(max(len(arrays) - 1, 0)))
+        keys = np.asarray([f"{part}/{i:0{digits}d}" for i in range(len(arrays))], dtype=str)
+        return ImageSet(self._convert(arrays.images, size), arrays.labels, self.class_names, keys)
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -102,7 +263,7 @@ def locate_fashion_mnist(root: str | None, download: bool, cache_dir: str | Path
 
 
 def load_fashion_mnist(root: str | None = None, download: bool = True,
-                       cache_dir: str | Path = "~/.cache/synthset/fashion-mnist") -> tuple[ImageSet, ImageSet]:
+                       cache_dir: str | Path = FASHION_MNIST_CACHE) -> tuple[ImageSet, ImageSet]:
     """(train 60k, test 10k) Fashion-MNIST."""
     directory = locate_fashion_mnist(root, download, Path(cache_dir).expanduser())
     arrays = {k: read_idx(_find(directory, stem)) for k, stem in FASHION_MNIST_FILES.items()}
@@ -121,6 +282,58 @@ def load_digits_fixture() -> tuple[ImageSet, ImageSet]:
     d = load_digits()
     images = (d.images * (255.0 / 16.0)).round().astype(np.uint8)
     labels = d.target.astype(np.int64)
-    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     cut = int(0.8 * len(labels))
+    names = list(DIGITS_CLASSES)
     return ImageSet(images[:cut], labels[:cut], names), ImageSet(images[cut:], labels[cut:], names)
+
+
+def _open_fashion_mnist(cfg: DataConfig, cache_dir: str | Path) -> Source:
+    return ArraySource(lambda: load_fashion_mnist(cfg.root, cfg.download, cache_dir), FASHION_MNIST_CLASSES,
+                       (28, 28), cfg.channels)
+
+
+def _open_digits(cfg: DataConfig, cache_dir: str | Path) -> Source:
+    return ArraySource(load_digits_fixture, DIGITS_CLASSES, (8, 8), cfg.channels)
+
+
+def _open_image_folder(cfg: DataConfig, cache_dir: str | Path) -> Source:
+    from synthset.data.folder_source import ImageFolderSource
+
+    return ImageFolderSource(cfg.path, cfg.test_path, cfg.channels, cfg.on_bad_image, cfg.alpha_background)
+
+
+def _open_webdataset(cfg: DataConfig, cache_dir: str | Path) -> Source:
+    from synthset.data.webdataset_source import WebDatasetSource
+
+    return WebDatasetSource(cfg.path, cfg.test_path, cfg.label_key, cfg.class_names, cfg.channels,
+                            cfg.on_bad_image, cfg.alpha_background)
+
+
+def _open_hf(cfg: DataConfig, cache_dir: str | Path) -> Source:
+    from synthset.data.hf_source import HFSource
+
+    return HFSource(cfg.path, cfg.split, cfg.test_split, cfg.image_column, cfg.label_column, cfg.class_names,
+                    cfg.channels, cfg.on_bad_image, cfg.alpha_background)
+
+
+# data.source → opener. The names are config.DATA_SOURCES (tests/test_sources.py checks they agree).
+SOURCES: dict[str, Callable[[DataConfig, str | Path], Source]] = {
+    "fashion_mnist": _open_fashion_mnist,
+    "digits": _open_digits,
+    "image_folder": _open_image_folder,
+    "webdataset": _open_webdataset,
+    "hf": _open_hf,
+}
+
+
+def open_source(cfg: DataConfig, cache_dir: str | Path = FASHION_MNIST_CACHE) -> Source:
+    """The ``Source`` that ``cfg.source`` names, configured from ``cfg`` (the ``data`` section).
+
+    Opening checks what is cheap to check (the path exists, the classes, splits and columns are
+    there); images are decoded only when samples are read. ``cache_dir``: where Fashion-MNIST is
+    downloaded to.
+    """
+    opener = SOURCES.get(cfg.source)
+    if opener is None:  # config validation rejects this first; a DataConfig built without validation may not
+        raise ValueError(f"data.source: unknown source {cfg.source!r}; choose from {', '.join(SOURCES)}")
+    return opener(cfg, Path(cache_dir).expanduser())

@@ -20,7 +20,9 @@ the private indices are exactly those without the feature.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,8 @@ import numpy as np
 from PIL import Image
 
 from synthset.config import PUBLIC_SHIFTS, DataConfig
-from synthset.data.sources import ImageSet, load_digits_fixture, load_fashion_mnist
+from synthset.data.images import fit_images  # noqa: F401 (re-exported: the stages import it from here)
+from synthset.data.sources import FASHION_MNIST_CACHE, ImageSet, open_source
 
 
 # Parameters of the public shifts (data.public_shift). Measured gap on Fashion-MNIST (a small CNN
@@ -86,10 +89,46 @@ def holdout_indices(private_pool: np.ndarray, holdout: int, seed: int) -> tuple[
     return np.setdiff1d(private_pool, held), held
 
 
-def load_source(cfg: DataConfig, cache_dir: str | Path = "~/.cache/synthset/fashion-mnist") -> tuple[ImageSet, ImageSet]:
-    if cfg.source == "fashion_mnist":
-        return load_fashion_mnist(cfg.root, cfg.download, cache_dir)
-    return load_digits_fixture()
+def in_test_set(keys: np.ndarray, fraction: float) -> np.ndarray:
+    """Which images form the test set of a source without one: about ``fraction`` of them, by key.
+
+    An image is in the test set when the sha256 of its key, read as a number in [0, 1), is below
+    ``fraction``. No seed: the test set is the same for every ``data.splits.seed`` (results of
+    different seeds stay comparable), and adding or removing other images never moves an image
+    between train and test.
+    """
+    digests = (hashlib.sha256(f"synthset-test/{k}".encode()).digest()[:8] for k in keys)
+    return np.fromiter((int.from_bytes(d, "big") / 2.0 ** 64 < fraction for d in digests), bool, len(keys))
+
+
+def load_source(cfg: DataConfig, cache_dir: str | Path = FASHION_MNIST_CACHE) -> tuple[ImageSet, ImageSet]:
+    """(train, test) images of ``data.source`` in ``data.channels``.
+
+    Sources whose images share one size (Fashion-MNIST, digits) keep it, as the stages expect;
+    the others (any size) are fitted to ``data.image_size``. A source without its own test images
+    gives up ``data.test_fraction`` of them (``in_test_set``). Images skipped under
+    ``data.on_bad_image: skip`` are listed in the returned sets' ``skipped`` and on stderr.
+    """
+    source = open_source(cfg, cache_dir)
+    size = None if source.native_size else cfg.image_size
+    train = source.load("train", size)
+    if "test" in source.parts:
+        test = source.load("test", size)
+    else:
+        in_test = in_test_set(train.keys, cfg.test_fraction)
+        if in_test.all() or not in_test.any():
+            left = "no training" if in_test.all() else "no test"
+            raise ValueError(f"data.test_fraction: {cfg.test_fraction} of the {len(train)} images of data.path leaves "
+                             f"{left} images; add images or give data.test_path / data.test_split")
+        skipped = train.skipped
+        train, test = train.subset(np.flatnonzero(~in_test)), train.subset(np.flatnonzero(in_test))
+        train.skipped = skipped
+    for part in (train, test):
+        if part.skipped:
+            names = ", ".join(s.name for s in part.skipped[:5]) + (", …" if len(part.skipped) > 5 else "")
+            print(f"data: skipped {len(part.skipped)} unreadable image(s) (data.on_bad_image=skip): {names}",
+                  file=sys.stderr)
+    return train, test
 
 
 def _border_fill(images: np.ndarray) -> np.ndarray:
@@ -151,26 +190,14 @@ def make_splits(cfg: DataConfig) -> Splits:
         raise ValueError(f"data.splits.private: no images of class(es) {empty}; increase data.splits.private")
     pub = pub[np.isin(train.labels[pub], public_class_ids(cfg, train.class_names))]
     original = train.subset(pub)
-    public = ImageSet(shift_images(original.images, cfg.public_shift), original.labels, original.class_names)
+    public = ImageSet(shift_images(original.images, cfg.public_shift), original.labels, original.class_names,
+                      original.keys)
     return Splits(public, train.subset(priv), test, pub, priv, cfg.public_shift, original,
                   train.subset(held) if len(held) else None, held if len(held) else None)
 
 
 def write_splits(splits: Splits, path: str | Path) -> None:
     Path(path).write_text(json.dumps(splits.record()))
-
-
-def fit_images(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (N, H, W) → uint8 (N, size, size): zero-pad when a little larger (28 → 32), else resize."""
-    n, h, w = images.shape
-    if h == w == size:
-        return images
-    if size >= h and size >= w and size - max(h, w) <= max(h, w) // 4:
-        top, left = (size - h) // 2, (size - w) // 2
-        out = np.zeros((n, size, size), dtype=np.uint8)
-        out[:, top:top + h, left:left + w] = images
-        return out
-    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
 
 
 def to_unit_tensor(images: np.ndarray):
