@@ -74,7 +74,7 @@ def _fake_pipeline(cfg, copy_row: int = 7):
     from synthset.models.classifiers import save_classifier
     from synthset.models.training import predict_proba
     from synthset.stages.classifier import student_dir, teacher_dir
-    from synthset.stages.privacy import _fit
+    from synthset.eval.shadow_training import fit_recipe as _fit
     from synthset.stages.synthesize import label_dir
 
     splits = make_splits(cfg.data)
@@ -144,8 +144,8 @@ def test_gate_flags_and_drop_removes_an_exact_copy_before_the_student(digits_cfg
 
 
 def test_pipeline_shadow_function_on_tiny_data(digits_cfg):
-    from synthset.stages.privacy import (candidate_pool, draw_candidates, shadow_train_index,
-                                         train_shadow_classifier, train_shadow_pipeline)
+    from synthset.eval.membership import candidate_pool, draw_candidates, shadow_train_index
+    from synthset.stages.privacy import train_shadow_classifier, train_shadow_pipeline
 
     data, _, _ = _fake_pipeline(digits_cfg)
     images, labels, num_private, _ = candidate_pool(digits_cfg)

@@ -1,5 +1,5 @@
-"""The LiRA stage (stages/privacy.py): query views, one shadow without Ray, and the Ray run on digits
-with per-shadow resume."""
+"""The LiRA stage (stages/privacy.py): one shadow without Ray, the shadow-set hash, and the Ray run on
+digits with per-shadow resume (with the query views and scoring of eval/membership.py it drives)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from synthset.config import load_config
-from synthset.stages.privacy import (PrivacyConfig, _prepare, draw_candidates, privacy_dir, query_views, run_shadow,
-                                     score_shadows, score_target, shadow_train_index)
+from synthset.config import PrivacyConfig, load_config
+from synthset.eval.membership import draw_candidates, query_views, score_shadows, score_target, shadow_train_index
+from synthset.stages.privacy import prepare_shadow_set, privacy_dir, run_shadow
 
 
 @pytest.fixture(autouse=True)
@@ -23,13 +23,15 @@ def restore_torch_threads():
     torch.set_num_threads(threads)
 
 
+DIGITS = ["data.source=digits", "data.image_size=8", "foundation.arch.image_size=8", "data.splits.public=0",
+          "data.splits.private=260", "teacher.width=8", "teacher.epochs=25", "teacher.batch_size=32",
+          "teacher.augment=false", "teacher.lr=0.005", "ray.num_cpus=2", "tracking.enabled=false"]
+
+
 @pytest.fixture
 def digits_config(tmp_path):
     """Digits (8×8) as the private split, a tiny overfitting Teacher recipe: shadows train in ~1 s."""
-    return load_config(None, [f"output.root={tmp_path / 'runs'}", "data.source=digits", "data.image_size=8",
-                              "foundation.arch.image_size=8", "data.splits.public=0", "data.splits.private=260",
-                              "teacher.width=8", "teacher.epochs=25", "teacher.batch_size=32", "teacher.augment=false",
-                              "teacher.lr=0.005", "ray.num_cpus=2", "tracking.enabled=false"])
+    return load_config(None, [f"output.root={tmp_path / 'runs'}", *DIGITS])
 
 
 def test_privacy_config_validates():
@@ -67,7 +69,7 @@ def test_candidates_and_training_halves():
 def test_run_shadow_without_ray_writes_and_reuses(digits_config):
     privacy = PrivacyConfig(num_shadows=4, num_candidates=60, query_shift=1)
     stage = privacy_dir(digits_config, privacy)
-    _prepare(stage, digits_config, privacy)
+    prepare_shadow_set(stage, digits_config, privacy)
     info = run_shadow(stage.uri, digits_config.to_dict(), privacy.model_dump(), 1)
     logits = np.load(stage.path("shadows", "shadow-001.npy"))
     assert logits.shape == (60, 5, 10) and logits.dtype == np.float32
@@ -75,7 +77,7 @@ def test_run_shadow_without_ray_writes_and_reuses(digits_config):
     assert run_shadow(stage.uri, digits_config.to_dict(), privacy.model_dump(), 1)["reused"]
     # A different config must not silently reuse the recorded candidates.
     with pytest.raises(ValueError, match="differ"):
-        _prepare(stage, digits_config, privacy.model_copy(update={"seed": 9}))
+        prepare_shadow_set(stage, digits_config, privacy.model_copy(update={"seed": 9}))
 
 
 def test_score_target_with_known_membership():
@@ -131,3 +133,33 @@ def test_score_shadows_reports_fixed_variance_only_with_four_models():
     logits = rng.normal(size=(4, 4, 2, 3))
     metrics, _ = score_shadows(logits, np.zeros(4, dtype=np.int64), keep)
     assert set(metrics) == {"online_fixed_var", "offline_fixed_var"}
+
+
+def test_shadow_sets_are_named_by_the_teacher_stage_policy_and_the_shadow_inputs(digits_config):
+    from synthset.config import stage_hash
+    from synthset.stages.privacy import classifier_shadow_set, shadow_dir
+
+    privacy = PrivacyConfig(num_shadows=4, num_candidates=60)
+    base = shadow_dir(digits_config, privacy)
+    assert base.uri.endswith(f"/privacy/classifier/{base.hash}")
+    # Which sets run, where, and what is done with the results: the same shadows, the same set.
+    for update in ({"enabled": True}, {"shadow_modes": ["classifier", "pipeline"]}, {"pipeline_labels": ["soft"]},
+                   {"cpus_per_shadow": 4}, {"gpus_per_shadow": 0.5}, {"max_auc": 0.6},
+                   {"max_tpr_at_0_1pct_fpr": 0.01}, {"export_to": "/elsewhere"}):
+        assert shadow_dir(digits_config, privacy.model_copy(update=update)).hash == base.hash, update
+    # What a shadow computes: a new set.
+    for update in ({"num_shadows": 6}, {"num_candidates": 40}, {"seed": 1}, {"query_shift": 0}, {"query_flip": True}):
+        assert shadow_dir(digits_config, privacy.model_copy(update=update)).hash != base.hash, update
+    assert shadow_dir(digits_config, privacy, "pipeline-soft").hash != base.hash
+    # The data and the Teacher recipe enter exactly as they enter the Teacher stage's hash.
+    for override, same in (("teacher.epochs=3", False), ("data.splits.private=200", False),
+                           ("teacher.in_memory_limit=5", True), ("student.epochs=2", True)):
+        other = load_config(None, [f"output.root={digits_config.output.root}", *DIGITS, override])
+        same_teacher = stage_hash(other, "teacher") == stage_hash(digits_config, "teacher")
+        assert (shadow_dir(other, privacy).hash == base.hash) is same is same_teacher, override
+    # Teacher and a Student of the same architecture share the classifier shadows; another width does not.
+    student = digits_config.student.model_copy(update={"width": 8, "epochs": 2, "lr": 0.1})
+    assert classifier_shadow_set(digits_config, privacy, student).stage == base
+    wide = student.model_copy(update={"width": 16})
+    assert classifier_shadow_set(digits_config, privacy, wide).stage.hash != base.hash
+

@@ -339,6 +339,24 @@ class PrivacyConfig(Section):
     query_flip: bool = Field(False, description="Also query the horizontal flip of every view.")
     cpus_per_shadow: float = Field(1, gt=0, description="Ray CPUs per shadow task (also its torch threads).")
     gpus_per_shadow: float = Field(0, ge=0, description="Ray GPUs per shadow task (fractions pack several per GPU).")
+    # The privacy-gated export (jobs/export.py, stages/export.py): thresholds on the Student's LiRA results.
+    max_auc: float | None = Field(
+        None, ge=0, le=1, description="Export gate: publish only if every Student's LiRA AUC (the highest over "
+        "shadow modes and LiRA variants) is at most this; None: not checked.")
+    max_tpr_at_0_1pct_fpr: float | None = Field(
+        None, ge=0, le=1, description="Export gate: publish only if every Student's LiRA TPR at 0.1% FPR (the "
+        "highest over shadow modes and variants) is at most this; None: not checked. This is the threshold on TPR at "
+        "0.1% FPR ('max_tpr_at_0.1pct_fpr'), spelled with '_' for the '.': a field name and a --set path cannot "
+        "hold a dot.")
+    export_to: str | None = Field(
+        None, min_length=1, description="Export gate: where a dataset that passes is published (a directory or "
+        "pyarrow filesystem URI); None: <output.root>/export/<hash>/data.")
+
+    def shadow_inputs(self) -> dict[str, Any]:
+        """The fields that change what a shadow model computes, hence name a shadow set (``stages/privacy.py:
+        shadow_dir``); the others choose which sets run, where they run, or what is done with their results."""
+        return self.model_dump(mode="json", include={"num_shadows", "num_candidates", "seed", "query_shift",
+                                                     "query_flip"})
 
     @model_validator(mode="after")
     def _even(self):
@@ -441,7 +459,9 @@ _METHOD_ONLY = {"adapt": ("tckr", "datadream", "loft"), "synthesis.fusion": ("lo
 EXECUTION_ONLY = ("synthesis.actors", "label.batch_size", "label.actors",
                   "teacher.in_memory_limit", "student.in_memory_limit",
                   "data.caption.actors", "data.caption.batch_size", "data.caption.part_size",
-                  "replication.device", "evaluate.enabled", "privacy.cpus_per_shadow", "privacy.gpus_per_shadow")
+                  "replication.device", "evaluate.enabled", "privacy.cpus_per_shadow", "privacy.gpus_per_shadow",
+                  # the export gate's thresholds and destination: read by the export step only
+                  "privacy.max_auc", "privacy.max_tpr_at_0_1pct_fpr", "privacy.export_to")
 
 
 def _has(d: dict, dotted: str) -> bool:

@@ -1,22 +1,22 @@
-"""Membership inference (LiRA) stage: shadow models as Ray tasks around plain training functions.
+"""Membership inference (LiRA) stage: shadow models as Ray tasks, cached and resumed per shadow.
 
-Candidates and shadows. A *candidate set* is drawn (seeded) from the private data (``draw_candidates``).
-With ``data.splits.holdout > 0`` (the measurement set-up) it is half holdout images — private images
-nothing trains on, so OUT of every target — and half images of the private training split — IN the
-Teacher and, through its labels, in the Students. Candidates index the *pool* = private training
-split followed by the holdout (``candidate_pool``). ``keep_matrix`` assigns every candidate IN to
-exactly half of ``privacy.num_shadows`` models; shadow s trains on (private training split minus the
-IN candidates) ∪ {candidates IN for s} with its own seed. Each model's logits on every candidate under
-the query augmentations (identity, ±``query_shift`` pixel shifts in x and y, optionally horizontal
-flips) are cached as ``<set>/shadows/shadow-NNN.npy`` (+ ``.json`` written last): a rerun skips
-finished shadows, so every shadow set resumes per shadow.
+The experiment is plain code elsewhere: candidates, training halves, queries and scoring in
+``eval/membership.py``, the attack in ``eval/lira.py``, the shadow trainers on in-memory tensors in
+``eval/shadow_training.py``. This module loads their inputs from the config and the stored
+artifacts, fans the shadows out as Ray tasks and records every result on storage.
 
-Shadow modes (``privacy.shadow_modes``), one shadow set each (``shadow_dir``: cached per mode and hash):
+A *shadow set* (``ShadowSet``) lives under ``<output.root>/privacy/<mode>/<hash>/`` (``shadow_dir``):
+``candidates.json`` (pool indices, labels, membership; ``candidate_record``) and ``keep.npy`` (the
+balanced keep matrix), written once by ``prepare_shadow_set``, then per shadow
+``shadows/shadow-NNN.npy`` (its logits on every candidate under every query view) and ``.json``
+(written last). A rerun trains only the shadows without a ``.json``, so every set resumes per shadow.
 
-* ``classifier`` (``train_shadow_classifier``): the Teacher's recipe (epochs, lr, augmentation) on the
-  real half, with the *target's* architecture (arch/width/pretrained) — TCKR's notebook attacks a
-  Student with shadows of the Student architecture trained on real data. When Student and Teacher
-  share the architecture, Teacher and Students share one set.
+Shadow modes (``privacy.shadow_modes``), one shadow set each:
+
+* ``classifier`` (``train_shadow_classifier``): the Teacher's recipe on the real half, with the
+  *target's* architecture (``shadow_recipe``) — TCKR's notebook attacks a Student with shadows of
+  the Student architecture trained on real data. When Student and Teacher share the architecture,
+  Teacher and Students share one set.
 * ``pipeline`` (``train_shadow_pipeline``), Students only: per half, the Teacher recipe on the half →
   re-label the Student's synthetic training set with that shadow Teacher → the Student recipe on it
   (soft labels; for hard labels the Teacher does not enter, only the Student's training is repeated).
@@ -33,62 +33,44 @@ AUC for Teacher and Student without fixing the variant, so all four are reported
 
 Without a holdout every private candidate is a member of the Teacher, so ``run_privacy`` falls back to
 the evaluation of Carlini et al. 2022: every shadow is in turn the target, scored against the other
-S − 1 (``lira_leave_one_out``) — the leakage of *the Teacher's recipe* on this private data.
-
-Outputs of a shadow set under ``<output.root>/privacy/<mode>/<hash>/``: ``candidates.json`` (pool
-indices, labels, membership), ``keep.npy``, ``shadows/``; of ``run_privacy`` also ``metrics.json``,
-``roc_loglog.png`` and ``_SUCCESS.json``.
+S − 1 (``score_shadows``) — the leakage of *the Teacher's recipe* on this private data. Its outputs,
+beside the shadow set: ``metrics.json``, ``roc_loglog.png`` and ``_SUCCESS.json``.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from synthset import storage
-from synthset.config import ClassifierConfig, Config, PrivacyConfig, config_hash
-from synthset.eval.lira import (keep_matrix, lira_leave_one_out, lira_offline, lira_online, lira_statistic,
-                                plot_roc_loglog, roc_curve, roc_metrics)
+from synthset.config import ClassifierConfig, Config, PrivacyConfig, stage_hash
+from synthset.eval.lira import keep_matrix, plot_roc_loglog
+from synthset.eval.membership import (candidate_pool, candidate_record, draw_candidates, membership_accuracy,
+                                      query_logits, score_shadows, score_target, shadow_seed, shadow_train_index)
+from synthset.eval.shadow_training import classifier_shadow_logits, pipeline_shadow_logits, shadow_recipe
 from synthset.stages.common import StageDir, output_root
 
-__all__ = ["PrivacyConfig", "run_privacy", "run_lira", "score_target", "shadow_dir", "privacy_dir"]
-
-# Fields that change how shadows run, or which sets exist, not what a shadow computes: left out of
-# the hash. Data fields that do not change the private images (where files come from, the public
-# shift, captions) are left out too, so e.g. a new caption setting does not retrain the shadows.
-EXECUTION_ONLY = {"privacy": ("cpus_per_shadow", "gpus_per_shadow", "enabled", "shadow_modes", "pipeline_labels"),
-                  "teacher": ("in_memory_limit", "num_workers", "cpus_per_worker", "use_gpu"),
-                  "data": ("root", "download", "public_shift", "public_classes", "caption")}
-# The fields of a classifier recipe that are the target's architecture (the rest is the training recipe).
-ARCH_FIELDS = ("arch", "width", "pretrained")
+__all__ = ["run_privacy", "run_lira", "train_classifier_shadows", "shadow_dir", "privacy_dir"]
 
 # A shadow: (cfg, privacy, train_index, query_index, shadow_id, seed) → logits (N, A, C) of a model
 # trained on pool[train_index], queried on the augmented views of pool[query_index].
 ShadowTrainer = Callable[[Config, PrivacyConfig, np.ndarray, np.ndarray, int, int], np.ndarray]
 
 
-def shadow_recipe(cfg: Config, target: ClassifierConfig | None = None) -> ClassifierConfig:
-    """The ``classifier`` shadows' recipe: the Teacher's, with the target's architecture fields."""
-    if target is None:
-        return cfg.teacher
-    return cfg.teacher.model_copy(update={k: getattr(target, k) for k in ARCH_FIELDS})
-
-
 def shadow_dir(cfg: Config, privacy: PrivacyConfig, mode: str = "classifier", extra=None) -> StageDir:
-    """``<output.root>/privacy/<mode>/<hash>``: the hash covers the private data, ``cfg.teacher`` (the
-    shadow recipe), ``privacy`` and ``extra`` (a pipeline set's Student recipe, labels and dataset)."""
-    d = cfg.to_dict()
-    parts = {"data": d["data"], "teacher": d["teacher"], "privacy": privacy.model_dump(mode="json")}
-    for section, keys in EXECUTION_ONLY.items():
-        parts[section] = {k: v for k, v in parts[section].items() if k not in keys}
-    if parts["data"]["splits"].get("holdout") == 0:
-        parts["data"]["splits"].pop("holdout")
-    h = config_hash({"stage": "privacy", "mode": mode, "inputs": parts, "extra": extra})
+    """``<output.root>/privacy/<mode>/<hash>``, hashed by the stages' one policy (``config.stage_hash``).
+
+    A shadow set is the Teacher's recipe (``cfg.teacher``) trained on halves of the private data, so
+    its hash is the Teacher stage's (the data and the recipe, less the execution-only fields), with
+    the fields of ``privacy`` that change a shadow (``PrivacyConfig.shadow_inputs``), the mode and
+    ``extra`` (a pipeline set's Student and dataset) as the stage's extra.
+    """
+    h = stage_hash(cfg, "teacher", extra={"shadows": mode, "privacy": privacy.shadow_inputs(), "extra": extra})
     return StageDir("privacy", h, storage.join(output_root(cfg), "privacy", mode, h))
 
 
@@ -97,134 +79,33 @@ def privacy_dir(cfg: Config, privacy: PrivacyConfig) -> StageDir:
     return shadow_dir(cfg, privacy, "classifier")
 
 
-def candidate_pool(cfg: Config) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
-    """(uint8 images (P, S, S) at data.image_size, labels (P,), num_private, class names) of the pool.
-
-    Pool = the private training split, then the holdout (if any): index i < num_private is
-    ``splits.private[i]``, the others ``splits.holdout[i − num_private]``.
-    """
-    from synthset.data.splits import fit_images, make_splits
-
-    splits = make_splits(cfg.data)
-    parts = [splits.private] + ([splits.holdout] if splits.holdout is not None else [])
-    images = np.concatenate([fit_images(p.images, cfg.data.image_size) for p in parts])
-    labels = np.concatenate([p.labels for p in parts])
-    return images, labels, len(splits.private), splits.class_names
-
-
-def shadow_seed(seed: int, shadow_id: int) -> int:
-    """Each shadow's training seed derives from (privacy.seed, shadow index) only."""
-    return int(np.random.SeedSequence([seed, shadow_id]).generate_state(1)[0] % (2 ** 31))
-
-
-def draw_candidates(num_private: int, privacy: PrivacyConfig, num_holdout: int = 0) -> np.ndarray:
-    """Sorted pool indices of the candidates.
-
-    Without a holdout: ``num_candidates`` private indices (all of them when None). With one: half
-    from the holdout (pool indices >= ``num_private``, the non-members) and half from the private
-    training split, each drawn without replacement; None means 2 × ``num_holdout``.
-    """
-    n = privacy.num_candidates
-    rng = np.random.default_rng([privacy.seed, 1])
-    if num_holdout == 0:
-        if n is None:
-            return np.arange(num_private)
-        if n > num_private:
-            raise ValueError(f"privacy.num_candidates: {n} exceeds the {num_private} images of the private split")
-        return np.sort(rng.choice(num_private, n, replace=False))
-    n = 2 * num_holdout if n is None else n
-    if n % 2 or n // 2 > num_holdout or n // 2 > num_private:
-        raise ValueError(f"privacy.num_candidates: {n} must be even, with half ({n // 2}) at most the holdout "
-                         f"({num_holdout}) and the private training split ({num_private})")
-    out = num_private + rng.choice(num_holdout, n // 2, replace=False)
-    inn = rng.choice(num_private, n // 2, replace=False)
-    return np.sort(np.concatenate([inn, out]))
-
-
-def shadow_train_index(num_private: int, candidates: np.ndarray, keep_row: np.ndarray) -> np.ndarray:
-    """Private indices a shadow trains on: D_rest (non-candidates) plus its IN candidates."""
-    rest = np.setdiff1d(np.arange(num_private), candidates)
-    return np.sort(np.concatenate([rest, candidates[keep_row]]))
-
-
-def query_views(x, shift: int, flip: bool):
-    """Augmented queries of images (N, C, H, W) in [-1, 1] → (N, A, C, H, W).
-
-    Views: identity, then shifts by (+s, 0), (−s, 0), (0, +s), (0, −s) pixels (padding −1 = black,
-    as ``random_shift`` in training) when ``shift`` > 0; with ``flip``, the horizontal flip of every
-    view follows (A doubles). LiRA queries each candidate under the training augmentations (its multi-query variant).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    if x.ndim != 4:
-        raise ValueError(f"x: expected (N, C, H, W), got shape {tuple(x.shape)}")
-    if shift < 0:
-        raise ValueError(f"shift: must be >= 0 (got {shift})")
-    views = [x]
-    if shift:
-        h, w = x.shape[-2:]
-        padded = F.pad(x, (shift,) * 4, value=-1.0)
-        for dy, dx in ((0, shift), (0, -shift), (shift, 0), (-shift, 0)):
-            views.append(padded[..., shift - dy:shift - dy + h, shift - dx:shift - dx + w])
-    if flip:
-        views += [v.flip(-1) for v in views]
-    return torch.stack(views, dim=1)
-
-
-def query_logits(model, x, shift: int, flip: bool, batch_size: int = 512) -> np.ndarray:
-    """float32 logits (N, A, C) of ``model`` on ``query_views(x, shift, flip)``."""
-    import torch
-
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            v = query_views(x[i:i + batch_size], shift, flip)
-            n, a = v.shape[:2]
-            out.append(model(v.flatten(0, 1).to(device)).float().cpu().reshape(n, a, -1))
-    return torch.cat(out).numpy()
-
-
-def _fit(ccfg: ClassifierConfig, num_classes: int, x, y, seed: int, name: str, soft=None, temperature: float = 1.0,
-         device: str = "cpu"):
-    """Build ``ccfg``'s architecture with ``seed`` and train it with its recipe (plain function)."""
-    from synthset.models.classifiers import build_classifier
-    from synthset.models.training import array_batches, fit_classifier
-
-    ccfg = ccfg.model_copy(update={"seed": seed})
-    model = build_classifier(ccfg, num_classes, in_channels=x.shape[1]).to(device)
-    steps = math.ceil(len(x) / ccfg.batch_size)
-    fit_classifier(model, lambda epoch: array_batches(x, y, ccfg.batch_size, seed, epoch, soft), ccfg.epochs, steps,
-                   ccfg.lr, ccfg.weight_decay, soft=soft is not None, temperature=temperature,
-                   augment=ccfg.augment, seed=seed, name=name)
-    return model
-
-
 def _device(privacy: PrivacyConfig) -> str:
     import torch
 
     return "cuda" if privacy.gpus_per_shadow > 0 and torch.cuda.is_available() else "cpu"
 
 
-def train_shadow_classifier(cfg: Config, privacy: PrivacyConfig, train_index: np.ndarray,
-                            query_index: np.ndarray, shadow_id: int, seed: int) -> np.ndarray:
-    """The ``classifier`` shadow: ``cfg.teacher``'s recipe on pool[train_index]; logits on the queries.
-
-    Plain function (no Ray): builds ``cfg.teacher``'s architecture with ``seed``, trains it with
-    ``fit_classifier`` (hard labels, the Teacher's epochs/lr/augmentation) and returns float32
-    logits (len(query_index), A, C) on the augmented views of pool[query_index].
-    """
+def _pool_tensors(cfg: Config):
+    """The candidate pool as (images (P, C, S, S) in [-1, 1], labels (P,), number of classes)."""
     import torch
 
     from synthset.data.splits import to_unit_tensor
 
     images, labels, _, names = candidate_pool(cfg)
-    x_all, y_all = to_unit_tensor(images), torch.from_numpy(labels)
-    model = _fit(cfg.teacher, len(names), x_all[train_index], y_all[train_index], seed, f"shadow-{shadow_id:03d}",
-                 device=_device(privacy))
-    return query_logits(model, x_all[query_index], privacy.query_shift, privacy.query_flip)
+    return to_unit_tensor(images), torch.from_numpy(labels), len(names)
+
+
+def train_shadow_classifier(cfg: Config, privacy: PrivacyConfig, train_index: np.ndarray,
+                            query_index: np.ndarray, shadow_id: int, seed: int) -> np.ndarray:
+    """The ``classifier`` shadow (a ``ShadowTrainer``): ``cfg.teacher``'s recipe on pool[train_index].
+
+    Loads the pool and runs ``classifier_shadow_logits``: float32 logits (len(query_index), A, C) on
+    the augmented views of pool[query_index].
+    """
+    x_all, y_all, num_classes = _pool_tensors(cfg)
+    return classifier_shadow_logits(cfg.teacher, num_classes, x_all[train_index], y_all[train_index],
+                                    x_all[query_index], seed, privacy.query_shift, privacy.query_flip,
+                                    f"shadow-{shadow_id:03d}", _device(privacy))
 
 
 def dataset_tensors(dataset: str, image_size: int):
@@ -243,33 +124,17 @@ def train_shadow_pipeline(cfg: Config, privacy: PrivacyConfig, train_index: np.n
                           shadow_id: int, seed: int, *, dataset: str, labels: str) -> np.ndarray:
     """The ``pipeline`` shadow of a Student: the pipeline downstream of generation, repeated on a half.
 
-    soft labels: the Teacher recipe (``cfg.teacher``) on pool[train_index] → its probabilities on every
-    image of the synthetic ``dataset`` (the Student's training set) → the Student recipe
-    (``cfg.student``, distillation at its temperature) on them. hard labels: the classes the images
-    were generated for, which no Teacher reads, so only the Student's training is repeated (with the
-    shadow's seed). Returns the shadow Student's logits (len(query_index), A, C) on the queries.
-    ``functools.partial(train_shadow_pipeline, dataset=..., labels=...)`` is a ``ShadowTrainer``.
+    Loads the pool and the Student's synthetic training set ``dataset`` and runs
+    ``pipeline_shadow_logits`` with ``cfg.teacher``, ``cfg.student`` (at its temperature) and
+    ``labels`` ("soft" or "hard"). ``functools.partial(train_shadow_pipeline, dataset=..., labels=...)``
+    is a ``ShadowTrainer``.
     """
-    import torch
-
-    from synthset.data.splits import to_unit_tensor
-    from synthset.models.training import predict_proba
-
-    images, pool_labels, _, names = candidate_pool(cfg)
-    x_all, y_all = to_unit_tensor(images), torch.from_numpy(pool_labels)
-    device = _device(privacy)
+    x_all, y_all, num_classes = _pool_tensors(cfg)
     xs, ys = dataset_tensors(dataset, cfg.data.image_size)
-    soft = None
-    if labels == "soft":
-        teacher = _fit(cfg.teacher, len(names), x_all[train_index], y_all[train_index], seed,
-                       f"shadow-{shadow_id:03d}-teacher", device=device)
-        soft = torch.from_numpy(predict_proba(teacher, xs, cfg.label.batch_size))
-    elif labels != "hard":
-        raise ValueError(f"labels: must be 'soft' or 'hard' (got {labels!r})")
-    student_seed = int(np.random.SeedSequence([seed, 1]).generate_state(1)[0] % (2 ** 31))
-    student = _fit(cfg.student, len(names), xs, ys, student_seed, f"shadow-{shadow_id:03d}-student-{labels}", soft,
-                   cfg.student.temperature, device)
-    return query_logits(student, x_all[query_index], privacy.query_shift, privacy.query_flip)
+    return pipeline_shadow_logits(cfg.teacher, cfg.student, cfg.student.temperature, num_classes,
+                                  x_all[train_index], y_all[train_index], xs, ys, x_all[query_index], labels, seed,
+                                  privacy.query_shift, privacy.query_flip, cfg.label.batch_size,
+                                  f"shadow-{shadow_id:03d}", _device(privacy))
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -284,7 +149,7 @@ def _load_npy(uri: str) -> np.ndarray:
 
 def run_shadow(stage_uri: str, cfg_dict: dict, privacy_dict: dict, shadow_id: int,
                train_shadow: ShadowTrainer = train_shadow_classifier) -> dict:
-    """Train shadow ``shadow_id`` unless its files exist; write ``shadow-NNN.npy`` then ``.json`` (plain function).
+    """Train shadow ``shadow_id`` unless its files exist; write ``shadow-NNN.npy`` then ``.json`` (a Ray task's body).
 
     Reads ``candidates.json`` and ``keep.npy`` from the stage directory, so every shadow (on any
     node) trains on exactly the recorded half.
@@ -306,24 +171,19 @@ def run_shadow(stage_uri: str, cfg_dict: dict, privacy_dict: dict, shadow_id: in
     if logits.ndim != 3 or logits.shape[0] != len(candidates):
         raise ValueError(f"train_shadow: returned shape {logits.shape}, expected ({len(candidates)}, A, C)")
     storage.write_bytes(name + ".npy", _npy_bytes(logits.astype(np.float32)))
-    out = ~keep[shadow_id]
-    acc_out = float((logits[out, 0].argmax(-1) == labels[out]).mean())  # accuracy on unseen candidates
-    acc_in = float((logits[~out, 0].argmax(-1) == labels[~out]).mean())
+    acc_in, acc_out = membership_accuracy(logits, labels, keep[shadow_id])  # IN: seen in training; OUT: unseen
     summary = {"shadow": shadow_id, "seed": seed, "train_images": int(len(train_index)),
                "accuracy_in": acc_in, "accuracy_out": acc_out, "seconds": time.time() - t0}
     storage.write_json(name + ".json", summary)
     return summary
 
 
-def _prepare(stage: StageDir, cfg: Config, privacy: PrivacyConfig) -> None:
+def prepare_shadow_set(stage: StageDir, cfg: Config, privacy: PrivacyConfig) -> None:
     """Write the candidates and the keep matrix once; a resumed run checks they are unchanged."""
     _, labels, num_private, names = candidate_pool(cfg)
-    num_holdout = len(labels) - num_private
-    candidates = draw_candidates(num_private, privacy, num_holdout)
+    candidates = draw_candidates(num_private, privacy, len(labels) - num_private)
     keep = keep_matrix(privacy.num_shadows, len(candidates), privacy.seed)
-    record = {"num_private": num_private, "num_holdout": num_holdout, "private_index": candidates.tolist(),
-              "labels": labels[candidates].tolist(), "is_member": (candidates < num_private).tolist(),
-              "class_names": names}
+    record = candidate_record(candidates, labels, num_private, names)
     path = stage.path("candidates.json")
     if storage.exists(path):
         if storage.read_json(path) != record or not np.array_equal(_load_npy(stage.path("keep.npy")), keep):
@@ -335,63 +195,36 @@ def _prepare(stage: StageDir, cfg: Config, privacy: PrivacyConfig) -> None:
     storage.write_json(path, record)
 
 
-def variants(per_side: int) -> dict[str, tuple[bool, bool]]:
-    """LiRA variants computable with ``per_side`` IN and OUT shadows per candidate: name → (online, fixed_variance).
-
-    Per-example variance needs >= 2 shadows on each side, a global variance >= 1. Leave-one-out
-    over S models leaves S/2 − 1 per side (``lira_leave_one_out``); an external target has S/2.
-    """
-    if per_side < 1:
-        raise ValueError(f"num_shadows: too few shadow models ({per_side} per side)")
-    out = {"online_fixed_var": (True, True), "offline_fixed_var": (False, True)}
-    if per_side >= 2:
-        out = {"online": (True, False), **out, "offline": (False, False)}
-    return out
-
-
-def score_shadows(logits: np.ndarray, labels: np.ndarray, keep: np.ndarray) -> tuple[dict, dict]:
-    """Leave-one-out LiRA over all models: (metrics per variant, ROC curve per variant). Plain numpy.
-
-    ``logits`` (S, N, A, C), ``labels`` (N,), ``keep`` bool (S, N). Each model is the target once;
-    the S × N scores with ground truth ``keep`` give one ROC per variant.
-    """
-    stats_all = lira_statistic(labels, logits=logits)  # (S, N, A)
-    metrics, curves = {}, {}
-    for name, (online, fixed) in variants(len(logits) // 2 - 1).items():
-        scores = lira_leave_one_out(stats_all, keep, online=online, fixed_variance=fixed)
-        metrics[name] = roc_metrics(scores.ravel(), keep.ravel())
-        curves[name] = roc_curve(scores.ravel(), keep.ravel())
-    return metrics, curves
-
-
-def score_target(shadow_logits: np.ndarray, keep: np.ndarray, labels: np.ndarray, target_logits: np.ndarray,
-                 is_member: np.ndarray) -> tuple[dict, dict]:
-    """LiRA on one external target with known membership, all S shadows as reference. Plain numpy.
-
-    ``shadow_logits`` (S, N, A, C) and ``keep`` (S, N) as stored by the stage; ``target_logits``
-    (N, A, C) from ``query_logits`` on the same candidates; ``is_member`` (N,) bool. Needs members
-    and non-members among the candidates.
-    """
-    s_stats = lira_statistic(labels, logits=shadow_logits)
-    t_stats = lira_statistic(labels, logits=target_logits)
-    keep = np.asarray(keep, dtype=bool)
-    per_side = int(min(keep.sum(axis=0).min(), (~keep).sum(axis=0).min()))
-    metrics, curves = {}, {}
-    for name, (online, fixed) in variants(per_side).items():
-        score = (lira_online if online else lira_offline)(t_stats, s_stats, keep, fixed_variance=fixed)
-        metrics[name] = roc_metrics(score, is_member)
-        curves[name] = roc_curve(score, is_member)
-    return metrics, curves
-
-
 def load_shadow_logits(stage: StageDir, num_shadows: int) -> np.ndarray:
     return np.stack([_load_npy(stage.path("shadows", f"shadow-{s:03d}.npy")) for s in range(num_shadows)])
 
 
-def train_shadow_sets(sets: list[tuple[StageDir, Config, ShadowTrainer]], privacy: PrivacyConfig) -> int:
+def _shadow_accuracy(stage: StageDir, num_shadows: int) -> dict:
+    info = [storage.read_json(stage.path("shadows", f"shadow-{s:03d}.json")) for s in range(num_shadows)]
+    return {"shadow_accuracy_in": float(np.mean([i["accuracy_in"] for i in info])),
+            "shadow_accuracy_out": float(np.mean([i["accuracy_out"] for i in info]))}
+
+
+@dataclass(frozen=True)
+class ShadowSet:
+    """One set of shadow models: ``mode`` (its directory: classifier, pipeline-soft or pipeline-hard),
+    ``stage`` (where it lives), ``cfg`` (whose ``teacher`` is the set's recipe) and ``trainer`` (per shadow)."""
+
+    mode: str
+    stage: StageDir
+    cfg: Config
+    trainer: ShadowTrainer
+
+
+def classifier_shadow_set(cfg: Config, privacy: PrivacyConfig, target: ClassifierConfig | None = None) -> ShadowSet:
+    """The ``classifier`` shadows of a target: the Teacher's recipe with ``target``'s architecture."""
+    sub = cfg if target is None else cfg.model_copy(update={"teacher": shadow_recipe(cfg.teacher, target)})
+    return ShadowSet("classifier", shadow_dir(sub, privacy, "classifier"), sub, train_shadow_classifier)
+
+
+def train_shadow_sets(sets: list[ShadowSet], privacy: PrivacyConfig) -> int:
     """Prepare every shadow set and train all their missing shadows as Ray tasks at once.
 
-    ``sets``: (shadow directory, config whose ``teacher`` is the set's recipe, per-shadow function).
     Finished shadows (``shadow-NNN.json`` present) are skipped. Returns how many were trained now.
     Ray must be initialised (``init_ray``).
     """
@@ -400,16 +233,17 @@ def train_shadow_sets(sets: list[tuple[StageDir, Config, ShadowTrainer]], privac
     task = ray.remote(num_cpus=privacy.cpus_per_shadow, num_gpus=privacy.gpus_per_shadow, max_retries=1)(run_shadow)
     privacy_dict = privacy.model_dump(mode="json")
     pending, todo_total = [], 0
-    for stage, cfg, trainer in sets:
-        storage.makedirs(stage.uri)
-        if not storage.exists(stage.path("config.yaml")):
-            stage.begin(cfg)
-        _prepare(stage, cfg, privacy)
-        todo = [s for s in range(privacy.num_shadows) if not storage.exists(stage.path("shadows", f"shadow-{s:03d}.json"))]
-        print(f"[privacy] {stage.uri}: {len(todo)} of {privacy.num_shadows} shadows to train")
+    for s in sets:
+        storage.makedirs(s.stage.uri)
+        if not storage.exists(s.stage.path("config.yaml")):
+            s.stage.begin(s.cfg)
+        prepare_shadow_set(s.stage, s.cfg, privacy)
+        todo = [i for i in range(privacy.num_shadows)
+                if not storage.exists(s.stage.path("shadows", f"shadow-{i:03d}.json"))]
+        print(f"[privacy] {s.stage.uri}: {len(todo)} of {privacy.num_shadows} shadows to train")
         todo_total += len(todo)
-        cfg_dict = cfg.to_dict()
-        pending += [task.remote(stage.uri, cfg_dict, privacy_dict, s, trainer) for s in todo]
+        cfg_dict = s.cfg.to_dict()
+        pending += [task.remote(s.stage.uri, cfg_dict, privacy_dict, i, s.trainer) for i in todo]
     done = 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
@@ -435,17 +269,15 @@ def run_privacy(cfg: Config, privacy: PrivacyConfig | None = None, tracker=None,
     t0 = time.time()
     stage.begin(cfg)
     storage.write_json(stage.path("privacy.json"), privacy.model_dump(mode="json"))
-    trained = train_shadow_sets([(stage, cfg, train_shadow)], privacy)
+    trained = train_shadow_sets([ShadowSet("classifier", stage, cfg, train_shadow)], privacy)
     cand = storage.read_json(stage.path("candidates.json"))
     keep = _load_npy(stage.path("keep.npy"))
     logits = load_shadow_logits(stage, privacy.num_shadows)
     metrics, curves = score_shadows(logits, np.asarray(cand["labels"]), keep)
-    shadows = [storage.read_json(stage.path("shadows", f"shadow-{s:03d}.json")) for s in range(privacy.num_shadows)]
     result = {"target": "leave-one-out over the shadows (the Teacher's recipe)", "shadow_mode": "classifier",
               "num_shadows": privacy.num_shadows, "num_candidates": len(cand["labels"]),
               "queries_per_candidate": int(logits.shape[2]), "variants": metrics,
-              "shadow_accuracy_in": float(np.mean([s["accuracy_in"] for s in shadows])),
-              "shadow_accuracy_out": float(np.mean([s["accuracy_out"] for s in shadows]))}
+              **_shadow_accuracy(stage, privacy.num_shadows)}
     storage.write_json(stage.path("metrics.json"), result)
     plot = stage.path("roc_loglog.png")
     if storage.is_local(plot):
@@ -463,33 +295,50 @@ def run_privacy(cfg: Config, privacy: PrivacyConfig | None = None, tracker=None,
     return summary
 
 
-def target_shadow_sets(cfg: Config, targets: dict[str, dict]) -> dict[str, tuple[StageDir, Config, ShadowTrainer]]:
-    """Which shadow set attacks which target: name → (shadow dir, recipe config, per-shadow function).
+@dataclass(frozen=True)
+class Attack:
+    """One target attacked with one shadow set: ``target`` (a key of ``run_lira``'s ``targets``),
+    ``shadow_mode`` (classifier or pipeline), ``labels`` (a Student's label kind; None for the Teacher)."""
 
-    ``targets``: name → {"recipe": ClassifierConfig of the target, "labels": "soft"/"hard" (Students),
-    "dataset": the Student's synthetic training set (Students)}. Names: ``teacher`` and
-    ``student-<labels>/<mode>`` for every mode in ``privacy.shadow_modes``.
+    target: str
+    shadow_mode: str
+    labels: str | None
+    shadows: ShadowSet
+
+    @property
+    def key(self) -> str:
+        """The result's name: ``teacher``, or ``<target>/<shadow_mode>`` for a Student."""
+        return self.target if self.labels is None else f"{self.target}/{self.shadow_mode}"
+
+
+def target_shadow_sets(cfg: Config, targets: dict[str, dict]) -> list[Attack]:
+    """Which shadow set attacks which target.
+
+    ``targets``: name → {"recipe": ClassifierConfig of the target, and for Students "labels"
+    ("soft"/"hard") and "dataset" (the Student's synthetic training set)}. The Teacher is attacked
+    with ``classifier`` shadows; a Student with every mode in ``privacy.shadow_modes`` (``pipeline``
+    only for label kinds in ``privacy.pipeline_labels``). A pipeline set is named by the Student's
+    stage hash and the identity of the dataset it re-labels (manifest hash, size, shard sha256s).
     """
-    privacy, out = cfg.privacy, {}
-    for name, t in targets.items():
-        modes = ["classifier"] if "labels" not in t else [
-            m for m in privacy.shadow_modes if m == "classifier" or t["labels"] in privacy.pipeline_labels]
-        for mode in modes:
-            key = name if "labels" not in t else f"{name}/{mode}"
-            if mode == "classifier":
-                sub = cfg.model_copy(update={"teacher": shadow_recipe(cfg, t["recipe"])})
-                out[key] = (shadow_dir(sub, privacy, "classifier"), sub, train_shadow_classifier)
-            else:
-                from synthset.data.shards import read_manifest
+    from synthset.data.shards import read_manifest
 
+    privacy, out = cfg.privacy, []
+    for name, t in targets.items():
+        labels = t.get("labels")
+        modes = ["classifier"] if labels is None else [
+            m for m in privacy.shadow_modes if m == "classifier" or labels in privacy.pipeline_labels]
+        for mode in modes:
+            if mode == "classifier":
+                shadows = classifier_shadow_set(cfg, privacy, t["recipe"])
+            else:
                 manifest = read_manifest(t["dataset"])
-                extra = {"student": cfg.student.model_dump(mode="json", exclude={"in_memory_limit", "num_workers",
-                                                                                 "cpus_per_worker", "use_gpu"}),
-                         "labels": t["labels"], "label_batch": cfg.label.batch_size,
+                extra = {"student": stage_hash(cfg, "student", labels),
                          "dataset": [manifest.get("config_hash"), manifest["num_samples"],
                                      [s["sha256"] for s in manifest["shards"]]]}
-                trainer = functools.partial(train_shadow_pipeline, dataset=t["dataset"], labels=t["labels"])
-                out[key] = (shadow_dir(cfg, privacy, f"pipeline-{t['labels']}", extra), cfg, trainer)
+                trainer = functools.partial(train_shadow_pipeline, dataset=t["dataset"], labels=labels)
+                shadows = ShadowSet(f"pipeline-{labels}", shadow_dir(cfg, privacy, f"pipeline-{labels}", extra), cfg,
+                                    trainer)
+            out.append(Attack(name, mode, labels, shadows))
     return out
 
 
@@ -498,9 +347,11 @@ def run_lira(cfg: Config, targets: dict[str, dict], out_dir: str) -> dict:
 
     ``targets``: name → {"model": saved classifier directory, "recipe": its ClassifierConfig, and for
     Students "labels" and "dataset"} (see ``target_shadow_sets``). Trains the missing shadows (Ray),
-    queries every target on the candidates, scores it with ``score_target`` and writes
-    ``lira.json`` and ``roc_loglog.png`` (online, per-example variance; all targets on one log-log
-    plot) and ``roc_loglog_offline.png`` into ``out_dir``. Returns the per-target metrics.
+    queries every target once on the candidates, scores it against each of its shadow sets with
+    ``score_target`` and writes ``lira.json`` and ``roc_loglog.png`` (online, per-example variance;
+    all targets on one log-log plot) and ``roc_loglog_offline.png`` into ``out_dir``. Returns the
+    per-target metrics: ``targets[<key>]`` holds ``target``, ``role`` (teacher/student), ``labels``,
+    ``shadow_mode``, ``shadow_set``, ``variants`` (metrics per LiRA variant) and accuracies.
     """
     from synthset.data.splits import to_unit_tensor
     from synthset.models.classifiers import load_classifier
@@ -510,35 +361,33 @@ def run_lira(cfg: Config, targets: dict[str, dict], out_dir: str) -> dict:
         raise ValueError("privacy.enabled: LiRA on the pipeline's own models needs known non-members; set "
                          "data.splits.holdout > 0 (or run run_privacy's leave-one-out evaluation)")
     t0 = time.time()
-    sets = target_shadow_sets(cfg, targets)
-    unique = {stage.uri: (stage, c, tr) for stage, c, tr in sets.values()}
-    trained = train_shadow_sets(list(unique.values()), privacy)
-    images, _, _, _ = candidate_pool(cfg)
-    x_all = to_unit_tensor(images)
+    attacks = target_shadow_sets(cfg, targets)
+    sets = list({a.shadows.stage.uri: a.shadows for a in attacks}.values())
+    trained = train_shadow_sets(sets, privacy)
+    images, pool_labels, num_private, _ = candidate_pool(cfg)
+    # Every set recorded these candidates (prepare_shadow_set checks), so each target is queried once.
+    candidates = draw_candidates(num_private, privacy, len(pool_labels) - num_private)
+    labels, member = pool_labels[candidates], candidates < num_private
+    x_query = to_unit_tensor(images[candidates])
+    target_logits = {}
+    for name in dict.fromkeys(a.target for a in attacks):
+        model = load_classifier(storage.materialize(targets[name]["model"]))
+        target_logits[name] = query_logits(model, x_query, privacy.query_shift, privacy.query_flip)
     results, online_curves, offline_curves = {}, {}, {}
-    loaded: dict[str, np.ndarray] = {}
-    for key, (stage, _, _) in sets.items():
-        cand = storage.read_json(stage.path("candidates.json"))
+    for a in attacks:
+        stage = a.shadows.stage
         keep = _load_npy(stage.path("keep.npy"))
-        labels, member = np.asarray(cand["labels"]), np.asarray(cand["is_member"])
-        model_dir = targets[key.split("/")[0]]["model"]
-        if model_dir not in loaded:
-            model = load_classifier(storage.materialize(model_dir))
-            loaded[model_dir] = query_logits(model, x_all[np.asarray(cand["private_index"])], privacy.query_shift,
-                                             privacy.query_flip)
-        shadows = load_shadow_logits(stage, privacy.num_shadows)
-        metrics, curves = score_target(shadows, keep, labels, loaded[model_dir], member)
-        info = [storage.read_json(stage.path("shadows", f"shadow-{s:03d}.json")) for s in range(privacy.num_shadows)]
-        results[key] = {"shadow_set": stage.uri, "shadow_mode": stage.uri.split("/")[-2], "variants": metrics,
-                        "shadow_accuracy_in": float(np.mean([i["accuracy_in"] for i in info])),
-                        "shadow_accuracy_out": float(np.mean([i["accuracy_out"] for i in info])),
-                        "target_accuracy_in": float((loaded[model_dir][member, 0].argmax(-1) == labels[member]).mean()),
-                        "target_accuracy_out": float((loaded[model_dir][~member, 0].argmax(-1)
-                                                      == labels[~member]).mean())}
-        online_curves[key] = curves.get("online", curves["online_fixed_var"])
-        offline_curves[key] = curves.get("offline", curves["offline_fixed_var"])
+        metrics, curves = score_target(load_shadow_logits(stage, privacy.num_shadows), keep, labels,
+                                       target_logits[a.target], member)
+        acc_in, acc_out = membership_accuracy(target_logits[a.target], labels, member)
+        results[a.key] = {"target": a.target, "role": "teacher" if a.labels is None else "student",
+                          "labels": a.labels, "shadow_set": stage.uri, "shadow_mode": a.shadows.mode,
+                          "variants": metrics, **_shadow_accuracy(stage, privacy.num_shadows),
+                          "target_accuracy_in": acc_in, "target_accuracy_out": acc_out}
+        online_curves[a.key] = curves.get("online", curves["online_fixed_var"])
+        offline_curves[a.key] = curves.get("offline", curves["offline_fixed_var"])
     summary = {"num_shadows": privacy.num_shadows, "num_candidates": int(len(labels)), "members": int(member.sum()),
-               "queries_per_candidate": int(next(iter(loaded.values())).shape[1]), "targets": results,
+               "queries_per_candidate": int(next(iter(target_logits.values())).shape[1]), "targets": results,
                "shadows_trained_now": trained, "seconds": time.time() - t0}
     storage.write_json(storage.join(out_dir, "lira.json"), summary)
     if storage.is_local(out_dir):
@@ -560,9 +409,7 @@ def train_classifier_shadows(cfg: Config) -> dict:
     """
     if cfg.data.splits.holdout == 0:
         return run_privacy(cfg)
-    targets = {"teacher": {"recipe": cfg.teacher}, "student": {"recipe": cfg.student}}
-    sets = {shadow_dir(c, cfg.privacy).uri: (shadow_dir(c, cfg.privacy), c, train_shadow_classifier)
-            for c in (cfg.model_copy(update={"teacher": shadow_recipe(cfg, t["recipe"])}) for t in targets.values())}
+    sets = {s.stage.uri: s for s in (classifier_shadow_set(cfg, cfg.privacy, r) for r in (cfg.teacher, cfg.student))}
     trained = train_shadow_sets(list(sets.values()), cfg.privacy)
     out = {"shadow_sets": list(sets), "shadows_trained_now": trained}
     from synthset.stages.classifier import teacher_dir
