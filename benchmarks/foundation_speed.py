@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "platform"))
 import torch  # noqa: E402
 
 from synthset.config import load_config  # noqa: E402
-from synthset.methods.class_prompt import generate_batch, plan_requests  # noqa: E402
+from synthset.diffusion.text_to_image_sampler import generate_batch  # noqa: E402
+from synthset.methods.class_prompt import plan_requests  # noqa: E402
 from synthset.models.foundation import build_foundation  # noqa: E402
 
 

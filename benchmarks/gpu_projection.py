@@ -68,7 +68,8 @@ def sd21_flops(resolution: int) -> tuple[int, int]:
 def embedded_anchor(config: str, batch: int, steps: int, guidance: float) -> dict:
     """The embedded model's FLOPs per image and the FLOP/s this machine achieves generating."""
     from synthset.config import load_config
-    from synthset.methods.class_prompt import generate_batch, plan_requests
+    from synthset.diffusion.text_to_image_sampler import generate_batch
+    from synthset.methods.class_prompt import plan_requests
     from synthset.models.foundation import build_foundation
 
     cfg = load_config(config)

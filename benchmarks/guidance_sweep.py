@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 from synthset.config import load_config  # noqa: E402
 from synthset.data.splits import fit_images, make_splits, to_unit_tensor  # noqa: E402
-from synthset.methods.class_prompt import generate_batch, plan_requests  # noqa: E402
+from synthset.diffusion.text_to_image_sampler import generate_batch  # noqa: E402
+from synthset.methods.class_prompt import plan_requests  # noqa: E402
 from synthset.models.classifiers import build_classifier, load_classifier  # noqa: E402
 from synthset.models.foundation import load_foundation  # noqa: E402
 from synthset.models.training import fit_classifier, predict_proba  # noqa: E402

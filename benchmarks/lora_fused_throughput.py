@@ -6,7 +6,7 @@ Builds the config's foundation architecture (random weights: speed does not depe
 bank of ``--loras-per-class`` rank-2 LoRAs per class with random A and B. Every request gets its
 own same-class pair (i, j) and λ ~ U(0, 1), as in a LoFT plan. Three ways to make the images:
 
-* ``base``: ``class_prompt.generate_batch`` without any LoRA (the ceiling);
+* ``base``: ``text_to_image_sampler.generate_batch`` without any LoRA (the ceiling);
 * ``fused``: ``fused_generate``, one pipeline call per batch, each sample its own pair and λ;
 * ``reference``: LoFT's released approach, peft adapters activated with
   ``unet.set_adapters([i, j], [λ, 1 - λ])`` and one image per pipeline call (adapters preloaded,
@@ -38,7 +38,7 @@ from synthset.lora.bank import add_peft_adapter, bank_from_model, inject_lora_ba
 from synthset.lora.fused import fused_generate  # noqa: E402
 from synthset.methods import PlanContext  # noqa: E402
 from synthset.methods import plan_requests as plan_methods  # noqa: E402
-from synthset.methods.class_prompt import generate_batch  # noqa: E402
+from synthset.diffusion.text_to_image_sampler import generate_batch  # noqa: E402
 from synthset.models.foundation import build_foundation  # noqa: E402
 
 

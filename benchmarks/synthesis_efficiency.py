@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 from synthset import storage  # noqa: E402
 from synthset.config import load_config  # noqa: E402
-from synthset.methods.class_prompt import generate_batch, plan_requests  # noqa: E402
+from synthset.diffusion.text_to_image_sampler import generate_batch  # noqa: E402
+from synthset.methods.class_prompt import plan_requests  # noqa: E402
 from synthset.models.foundation import build_foundation, load_foundation  # noqa: E402
 from synthset.pipeline import validate_inputs  # noqa: E402
 from synthset.stages.common import init_ray  # noqa: E402

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from synthset.methods.class_prompt import generate_batch, plan_requests
+from synthset.diffusion.text_to_image_sampler import generate_batch
+from synthset.methods.class_prompt import plan_requests
 from synthset.models.foundation import build_tokenizer, load_foundation, vocabulary_words
 
 NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]

@@ -9,7 +9,7 @@ import torch
 from conftest import assert_close_scaled
 from synthset.lora.bank import add_peft_adapter, bank_from_model, inject_lora_bank, routing
 from synthset.lora.fused import fused_generate, request_routing
-from synthset.methods.class_prompt import generate_batch
+from synthset.diffusion.text_to_image_sampler import generate_batch
 from synthset.models.foundation import load_foundation
 
 K, FIRST = 4, 100  # global LoRA ids 100..103

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import ROOT, have_fashion_mnist
-from synthset.methods import PlanContext, plan_requests
+from synthset.methods import PlanContext, plan_loras, plan_requests
 from synthset.methods.loft import fusion_weights
-from synthset.stages.adapt import plan_loras, select_shots
+from synthset.stages.adapt import select_shots
 
 NAMES = ["a", "b", "c"]
 CAPTIONS = {0: [(0, "small dark item"), (3, "large bright item")], 1: [(1, "wide item")], 2: [(2, "tall item")]}

@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# The method registry (methods/__init__.py): plain declarations, no torch; it names synthesis.method's
+# choices and the settings only some methods read.
+from synthset.methods import method_names, method_only_settings
 
 
 def _require_class_placeholder(v: str) -> str:
@@ -271,7 +275,9 @@ class AdaptConfig(Section):
 
 
 class SynthesisConfig(Section):
-    method: Literal["class_prompt", "caption_prompt", "tckr", "datadream", "loft"] = "class_prompt"
+    method: str = Field("class_prompt", description="The generation method, by the name of its module in "
+                        "synthset/methods/ (e.g. class_prompt, loft); its declaration says what it needs (captions, "
+                        "LoRAs) and so which stages run.")
     prompt_template: PromptTemplate = "a photo of a {class}"
     caption_template: CaptionTemplate = Field("{class}: {caption}", description="Prompt of caption_prompt and tckr")
     fusion: FusionConfig = FusionConfig()
@@ -285,6 +291,13 @@ class SynthesisConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     compile: bool = Field(False, description="torch.compile the UNet (GPU; slow first batch, may change low bits).")
     actors: ActorsConfig = ActorsConfig()
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in method_names():
+            raise ValueError(f"unknown method {v!r}: choose one of {', '.join(method_names())} (synthset/methods/)")
+        return v
 
 
 class ClassifierConfig(Section):
@@ -448,9 +461,8 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "evaluate": ("data", "foundation", "adapt", "synthesis", "run.seed", "teacher", "label", "replication", "student",
                  "evaluate", "privacy"),
 }
-# Settings that only some methods read; left out of the hashes of the others.
-_METHOD_ONLY = {"adapt": ("tckr", "datadream", "loft"), "synthesis.fusion": ("loft",),
-                "synthesis.caption_template": ("caption_prompt", "tckr")}
+# Settings that only some methods read (``adapt``, ``synthesis.fusion``, ``synthesis.caption_template``) are
+# left out of the hashes of the others: each method module declares them (``methods.method_only_settings``).
 
 
 # How work is executed, not what it produces: left out of stage hashes, so a rerun with more
@@ -494,7 +506,8 @@ def stage_hash(cfg: Config, stage: str, extra: Any = None) -> str:
     d = cfg.to_dict()
     if cfg.foundation.path is not None:  # a given model: its architecture/pretraining don't matter
         d["foundation"] = {"path": cfg.foundation.path}
-    drop = list(EXECUTION_ONLY) + [k for k, methods in _METHOD_ONLY.items() if cfg.synthesis.method not in methods]
+    drop = list(EXECUTION_ONLY) + [k for k, methods in method_only_settings().items()
+                                   if cfg.synthesis.method not in methods]
     if cfg.data.splits.holdout == 0:  # configs without a holdout keep the hashes they had before it existed
         drop.append("data.splits.holdout")
     # Likewise the data fields added with the own-data sources: at their defaults they change nothing.

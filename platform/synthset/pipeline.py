@@ -1,7 +1,9 @@
 """The whole pipeline from one config: foundation → Teacher → [caption → adapt] → synthesis → label → Students.
 
-Every stage writes under ``<output.root>/<stage>/<stage hash>/`` and is skipped when its output
-already exists for the same hash, so rerunning does no duplicate work. ``validate_inputs``
+The stages in brackets are those the generation method needs (``methods.method_stages``: its
+module declares captions, LoRAs, …), run in the registry's order; ``GENERATION_STAGES`` says
+how each is run. Every stage writes under ``<output.root>/<stage>/<stage hash>/`` and is
+skipped when its output already exists for the same hash, so rerunning does no duplicate work. ``validate_inputs``
 checks everything that can be checked cheaply (config, dataset files, model paths) before Ray
 starts or any model is built.
 """
@@ -38,38 +40,83 @@ def validate_inputs(cfg: Config) -> list[str]:
 
 def _check_method(cfg: Config, private_labels, class_names: list[str]) -> None:
     """What the generation method needs from the private split, checked before any work."""
-    import numpy as np
+    from synthset.methods import get_method
+    from synthset.stages.adapt import check_shots
 
-    from synthset.methods import LORA_METHODS
+    method = get_method(cfg.synthesis.method)
+    generation_stages(cfg)  # every stage it needs exists
+    if method.lora is not None:
+        check_shots(cfg.adapt.shots_per_class, private_labels, class_names)
+    if method.check is not None:
+        method.check(cfg, private_labels, class_names)
 
-    method, k = cfg.synthesis.method, cfg.adapt.shots_per_class
-    if method not in LORA_METHODS:
-        return
-    counts = np.bincount(private_labels, minlength=len(class_names))
-    short = [f"{class_names[c]} ({counts[c]})" for c in range(len(class_names)) if counts[c] < (k or 1)]
-    if short:
-        raise ValueError(f"adapt.shots_per_class={k}: the private split has fewer images of {', '.join(short)}")
-    arity = {"single": 1, "pair": 2, "triple": 3}[cfg.synthesis.fusion.mode]
-    if method == "loft" and k is not None and k < arity:
-        raise ValueError(f"synthesis.fusion.mode={cfg.synthesis.fusion.mode!r} fuses {arity} LoRAs per image but "
-                         f"adapt.shots_per_class={k}")
+
+def _caption_dir(cfg: Config):
+    from synthset.stages.caption import caption_dir
+
+    return caption_dir(cfg)
+
+
+def _run_caption(cfg: Config, model: str, done: dict, resume: bool, tracker) -> dict:
+    from synthset.stages.caption import run_caption
+
+    return run_caption(cfg, "private", resume, tracker)
+
+
+def _adapt_dir(cfg: Config):
+    from synthset.stages.adapt import adapt_dir
+
+    return adapt_dir(cfg)
+
+
+def _run_adapt(cfg: Config, model: str, done: dict, resume: bool, tracker) -> dict:
+    from synthset.stages.adapt import run_adapt
+
+    caption = done.get("caption")
+    return run_adapt(cfg, model, caption["captions"] if caption else None, resume, tracker)
+
+
+# The stages that produce what methods need (``methods.NEEDS``), in pipeline order: name → (its
+# StageDir for a config, its runner ``(cfg, foundation model, summaries of the stages before it,
+# resume, tracker) -> summary``).
+GENERATION_STAGES = {"caption": (_caption_dir, _run_caption), "adapt": (_adapt_dir, _run_adapt)}
+
+
+def generation_stages(cfg: Config) -> tuple[str, ...]:
+    """The stages ``synthesis.method`` needs before synthesis, in order; a need no stage meets is an error."""
+    from synthset.methods import NEEDS, method_stages
+
+    stages = method_stages(cfg.synthesis.method)
+    missing = [need for need, stage in NEEDS.items() if stage in stages and stage not in GENERATION_STAGES]
+    if missing:
+        raise ValueError(f"synthesis.method={cfg.synthesis.method!r} needs {', '.join(missing)}, which no stage "
+                         f"of this pipeline produces (stages: {', '.join(GENERATION_STAGES)})")
+    return stages
+
+
+def run_method_stages(cfg: Config, model: str, resume: bool = True, tracker=None,
+                      until: str | None = None) -> dict[str, dict]:
+    """Run the stages the method needs (through ``until``, if given); {stage name: summary}."""
+    done: dict[str, dict] = {}
+    for stage in generation_stages(cfg):
+        done[stage] = GENERATION_STAGES[stage][1](cfg, model, done, resume, tracker)
+        if stage == until:
+            break
+    return done
 
 
 def run_generation(cfg: Config, class_names: list[str], resume: bool = True, tracker=None) -> dict:
-    """The method's whole generation path: [caption] → [adapt] → plan → synthesize shards."""
-    from synthset.methods import CAPTION_METHODS, LORA_METHODS
-    from synthset.stages.adapt import plan_context, run_adapt
-    from synthset.stages.caption import run_caption
+    """The method's whole generation path: the stages it needs ([caption] → [adapt]) → plan → shards."""
+    from synthset.methods import get_method
     from synthset.stages.foundation import foundation_model_path
     from synthset.stages.synthesize import run_synthesis
 
-    method, model = cfg.synthesis.method, foundation_model_path(cfg)
-    caption = run_caption(cfg, "private", resume, tracker) if method in CAPTION_METHODS else None
-    captions = caption["captions"] if caption else None
-    adapt = run_adapt(cfg, model, captions, resume, tracker) if method in LORA_METHODS else None
-    context = plan_context(cfg, class_names, adapt["table"] if adapt else None, captions)
-    summary = run_synthesis(cfg, model, class_names, resume, tracker, context, adapt["loras"] if adapt else None)
-    return {**summary, "caption": caption, "adapt": adapt}
+    method, model = get_method(cfg.synthesis.method), foundation_model_path(cfg)
+    done = run_method_stages(cfg, model, resume, tracker)
+    context = method.plan_context(cfg, class_names, done)
+    loras = done["adapt"]["loras"] if "adapt" in done else None
+    summary = run_synthesis(cfg, model, class_names, resume, tracker, context, loras)
+    return {**summary, **{stage: done.get(stage) for stage in GENERATION_STAGES}}
 
 
 def describe(cfg: Config) -> dict:
@@ -78,14 +125,8 @@ def describe(cfg: Config) -> dict:
     from synthset.stages.foundation import foundation_dir
     from synthset.stages.synthesize import label_dir, synthesis_dir
 
-    from synthset.methods import CAPTION_METHODS, LORA_METHODS
-    from synthset.stages.adapt import adapt_dir
-    from synthset.stages.caption import caption_dir
-
-    method = cfg.synthesis.method
     dirs = {"foundation": foundation_dir(cfg), "teacher": teacher_dir(cfg),
-            **({"caption": caption_dir(cfg)} if method in CAPTION_METHODS else {}),
-            **({"adapt": adapt_dir(cfg)} if method in LORA_METHODS else {}),
+            **{stage: GENERATION_STAGES[stage][0](cfg) for stage in generation_stages(cfg)},
             "synthesis": synthesis_dir(cfg),
             "label": label_dir(cfg), **{f"student-{l}": student_dir(cfg, l) for l in cfg.student.labels}}
     from synthset.stages.evaluate import evaluate_dir, replication_dir
@@ -94,8 +135,11 @@ def describe(cfg: Config) -> dict:
         dirs["replication"] = replication_dir(cfg)
     if cfg.evaluate.enabled:
         dirs["evaluate"] = evaluate_dir(cfg)
+    from synthset.stages.common import completion
+
+    done = completion(list(dirs.values()))  # None when the store cannot be reached (offline dry run)
     return {"config_hash": config_hash(cfg.to_dict()),
-            "stages": {k: {"hash": d.hash, "dir": d.uri, "complete": d.is_complete()} for k, d in dirs.items()}}
+            "stages": {k: {"hash": d.hash, "dir": d.uri, "complete": c} for (k, d), c in zip(dirs.items(), done)}}
 
 
 def run_pipeline(cfg: Config, resume: bool = True) -> dict:
@@ -140,7 +184,7 @@ def run_pipeline(cfg: Config, resume: bool = True) -> dict:
                 ("gen_", "replication_", "lira_"))}} if evaluation else {}),
             "stage_seconds": {name: round(st.get("seconds", 0.0), 1) for name, st in
                               [("foundation", foundation), ("teacher", teacher),
-                               *[(name, synthesis[name]) for name in ("caption", "adapt") if synthesis.get(name)],
+                               *[(name, synthesis[name]) for name in GENERATION_STAGES if synthesis.get(name)],
                                ("synthesis", synthesis),
                                ("label", label), *[(f"student-{k}", v) for k, v in students.items()],
                                ("evaluate", evaluation)]},

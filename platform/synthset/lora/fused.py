@@ -5,7 +5,8 @@ per-image LoRAs; its released code activates each pair with ``set_adapters`` and
 per call. ``fused_generate`` instead routes each sample of a batch through its own LoRAs and
 weights (``synthset.lora.bank``), so a batch mixes any pairs, λs, 3-way fusions, single LoRAs
 (DataDream, TCKR) and no LoRA at all, and each image still depends only on its own request:
-the initial noise comes from the request's seed exactly as in ``class_prompt.generate_batch``.
+the initial noise comes from the request's seed exactly as in
+``diffusion.text_to_image_sampler.generate_batch``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from synthset.lora.bank import bank_layers, routing
-from synthset.methods.class_prompt import generate_batch
+from synthset.diffusion.text_to_image_sampler import generate_batch
 
 
 def request_routing(requests: list[dict], num_loras: int, first_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

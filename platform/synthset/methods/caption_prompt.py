@@ -2,17 +2,19 @@
 
 The q-th request of class c (``index = q·C + c``) takes the caption of the (q mod n_c)-th
 captioned real image of that class, so a dataset of m× the real set cycles the captions m times
-(TCKR, Sec. 3: "we cycle through the captions to reach the requested cardinality").
+(TCKR, Sec. 3: "we cycle through the captions to reach the requested cardinality"). It needs the
+captions of the private split (the caption stage) and reads ``synthesis.caption_template``.
 """
 
 from __future__ import annotations
 
+from synthset.methods import Method, base_context, text_to_image
 from synthset.methods.plan import class_for_index, derive_seed, image_key
 
-METHOD = "caption_prompt"
+NAME = "caption_prompt"
 
 
-def caption_request(index: int, run_seed: int, context, method: str = METHOD) -> dict:
+def caption_request(index: int, run_seed: int, context, method: str = NAME) -> dict:
     names = context.class_names
     c = class_for_index(index, len(names))
     pool = context.captions.get(c)
@@ -26,3 +28,15 @@ def caption_request(index: int, run_seed: int, context, method: str = METHOD) ->
 
 def plan_requests(start: int, stop: int, run_seed: int, context) -> list[dict]:
     return [caption_request(index, run_seed, context) for index in range(start, stop)]
+
+
+def plan_context(cfg, class_names: list[str], artifacts: dict):
+    """Every captioned private image, by class (``artifacts["caption"]``: the caption stage's summary)."""
+    from synthset.stages.caption import captions_by_class
+
+    return base_context(cfg, class_names, captions=captions_by_class(cfg, artifacts["caption"]["captions"]))
+
+
+METHOD = Method(NAME, needs=("captions",), reads=("synthesis.caption_template",),
+                plan_requests=plan_requests, plan_context=plan_context,
+                load_generator=text_to_image.load_generator, generate_batch=text_to_image.generate_batch)

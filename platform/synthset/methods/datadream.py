@@ -6,9 +6,10 @@ Each request uses its class's LoRA at weight 1 (LoFT's baseline table; DataDream
 
 from __future__ import annotations
 
+from synthset.methods import LoraAdaptation, Method, base_context, text_to_image
 from synthset.methods.plan import class_for_index, derive_seed, image_key
 
-METHOD = "datadream"
+NAME = "datadream"
 
 
 def plan_requests(start: int, stop: int, run_seed: int, context) -> list[dict]:
@@ -18,8 +19,19 @@ def plan_requests(start: int, stop: int, run_seed: int, context) -> list[dict]:
         ids = context.loras.get(c)
         if not ids:
             raise ValueError(f"datadream: no LoRA for class {names[c]!r}")
-        rows.append({"key": image_key(index), "index": index, "method": METHOD, "class_id": c,
+        rows.append({"key": image_key(index), "index": index, "method": NAME, "class_id": c,
                      "seed": derive_seed(run_seed, index),
                      "prompt": context.prompt_template.format(**{"class": names[c]}),
                      "lora_ids": [int(ids[0])], "lora_weights": [1.0]})
     return rows
+
+
+def plan_context(cfg, class_names: list[str], artifacts: dict):
+    from synthset.stages.adapt import loras_by_class, read_lora_table
+
+    return base_context(cfg, class_names, loras=loras_by_class(read_lora_table(artifacts["adapt"]["table"])))
+
+
+METHOD = Method(NAME, needs=("loras",), lora=LoraAdaptation(per="class", rank=16, lr=1e-4, targets="attention"),
+                plan_requests=plan_requests, plan_context=plan_context,
+                load_generator=text_to_image.load_generator, generate_batch=text_to_image.generate_batch)

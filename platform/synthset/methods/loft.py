@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from synthset.methods import LoraAdaptation, Method, base_context, text_to_image
 from synthset.methods.plan import class_for_index, derive_seed, image_key
 
-METHOD = "loft"
+NAME = "loft"
 _FUSION_STREAM = 0x10F7  # separates the pair/λ draws from the initial-noise stream of the same seed
+# LoRAs fused per image by each ``synthesis.fusion.mode``.
+FUSION_ARITY = {"single": 1, "pair": 2, "triple": 3}
 
 
 def fusion_weights(mode: str, rng: np.random.Generator, lam: float | None, beta_alpha: float | None) -> list[float]:
@@ -34,7 +37,7 @@ def fusion_weights(mode: str, rng: np.random.Generator, lam: float | None, beta_
 def plan_requests(start: int, stop: int, run_seed: int, context) -> list[dict]:
     names, fusion = context.class_names, context.fusion
     mode = fusion.get("mode", "pair")
-    arity = {"single": 1, "pair": 2, "triple": 3}[mode]
+    arity = FUSION_ARITY[mode]
     rows = []
     for index in range(start, stop):
         c = class_for_index(index, len(names))
@@ -46,7 +49,28 @@ def plan_requests(start: int, stop: int, run_seed: int, context) -> list[dict]:
         rng = np.random.default_rng([seed, _FUSION_STREAM])
         picks = rng.choice(len(pool), size=arity, replace=False)
         weights = fusion_weights(mode, rng, fusion.get("lam"), fusion.get("beta_alpha"))
-        rows.append({"key": image_key(index), "index": index, "method": METHOD, "class_id": c, "seed": seed,
+        rows.append({"key": image_key(index), "index": index, "method": NAME, "class_id": c, "seed": seed,
                      "prompt": context.prompt_template.format(**{"class": names[c]}),
                      "lora_ids": [int(pool[p]) for p in picks], "lora_weights": weights})
     return rows
+
+
+def plan_context(cfg, class_names: list[str], artifacts: dict):
+    """The per-image LoRAs of each class, from the adapt stage's table."""
+    from synthset.stages.adapt import loras_by_class, read_lora_table
+
+    return base_context(cfg, class_names, loras=loras_by_class(read_lora_table(artifacts["adapt"]["table"])))
+
+
+def check(cfg, private_labels, class_names: list[str]) -> None:
+    """Each image fuses ``FUSION_ARITY[mode]`` distinct LoRAs of its class: enough shots per class."""
+    mode, k = cfg.synthesis.fusion.mode, cfg.adapt.shots_per_class
+    if k is not None and k < FUSION_ARITY[mode]:
+        raise ValueError(f"synthesis.fusion.mode={mode!r} fuses {FUSION_ARITY[mode]} LoRAs per image but "
+                         f"adapt.shots_per_class={k}")
+
+
+METHOD = Method(NAME, needs=("loras",), reads=("synthesis.fusion",),
+                lora=LoraAdaptation(per="image", rank=2, lr=1e-3, targets="attention"),
+                plan_requests=plan_requests, plan_context=plan_context, check=check,
+                load_generator=text_to_image.load_generator, generate_batch=text_to_image.generate_batch)

@@ -2,18 +2,18 @@
 
     python jobs/adapt.py --config conf/loft.yaml
 
-Which real images and which LoRAs (``plan_loras``):
-
-- TCKR: one LoRA (rank 4) over every selected private image, prompts ``"{class}: {caption}"``;
-- DataDream: one LoRA per class (rank 16) over that class's k shots, ``"a photo of a {class}"``;
-- LoFT: one LoRA per shot (rank 2), ``"a photo of a {class}"``.
+Which LoRAs, of what rank, trained with which prompts, is the method's ``LoraAdaptation``
+(``Method.lora`` in ``methods/<method>.py``): one LoRA over every selected private image (TCKR,
+rank 4, prompts ``"{class}: {caption}"``), one per class (DataDream, rank 16) or one per image
+(LoFT, rank 2), both with ``"a photo of a {class}"``.
 
 The k shots per class (``adapt.shots_per_class``; all images when null) are a seeded choice
 from the private split. LoRAs are grouped into banks of ``adapt.loras_per_bank``; each bank is
 one Ray task that trains its LoRAs in one batched forward (``lora.train.train_lora_bank``) and
 writes ``banks/bank-NNNN.safetensors`` atomically, so a rerun trains only the missing banks.
-TCKR's single LoRA is instead trained data-parallel with Ray Train when ``adapt.workers > 1``:
-each worker computes a share of every step and the gradients are summed (same result).
+A single LoRA over the whole set (TCKR) is instead trained data-parallel with Ray Train when
+``adapt.workers > 1``: each worker computes a share of every step and the gradients are summed
+(same result).
 Training a LoRA in a bank equals training it alone (tests/test_lora_bank.py), so the bank size
 and the number of parallel workers do not change the result. The stage ends by merging the banks
 into ``loras.safetensors`` and writing ``loras.json`` (LoRA id → class, real image, caption), the
@@ -28,12 +28,8 @@ import numpy as np
 
 from synthset import storage
 from synthset.config import Config
+from synthset.methods import LoraAdaptation, get_method
 from synthset.stages.common import StageDir
-
-# The methods' own settings (DESIGN.md, method notes); adapt.rank / adapt.lr / adapt.targets override them.
-METHOD_DEFAULTS = {"tckr": {"rank": 4, "lr": 1e-4, "targets": "attention"},
-                   "datadream": {"rank": 16, "lr": 1e-4, "targets": "attention"},
-                   "loft": {"rank": 2, "lr": 1e-3, "targets": "attention"}}
 
 
 def adapt_dir(cfg: Config) -> StageDir:
@@ -54,24 +50,30 @@ def select_shots(labels: np.ndarray, num_classes: int, k: int | None, seed: int)
     return np.concatenate(chosen)
 
 
-def plan_loras(method: str, shot_labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """(LoRA id of each training image, number of LoRAs) for ``method``."""
-    if method == "tckr":
-        return np.zeros(len(shot_labels), dtype=np.int64), 1
-    if method == "datadream":
-        return shot_labels.astype(np.int64), int(shot_labels.max()) + 1
-    if method == "loft":
-        return np.arange(len(shot_labels), dtype=np.int64), len(shot_labels)
-    raise ValueError(f"synthesis.method={method!r} has no adaptation stage")
+def check_shots(k: int | None, private_labels: np.ndarray, class_names: list[str]) -> None:
+    """Before any work: the private split holds ``adapt.shots_per_class`` (at least one) images of every class."""
+    counts = np.bincount(private_labels, minlength=len(class_names))
+    short = [f"{class_names[c]} ({counts[c]})" for c in range(len(class_names)) if counts[c] < (k or 1)]
+    if short:
+        raise ValueError(f"adapt.shots_per_class={k}: the private split has fewer images of {', '.join(short)}")
+
+
+def method_lora(cfg: Config) -> LoraAdaptation:
+    """The LoRAs ``synthesis.method`` trains (its module's ``Method.lora``)."""
+    lora = get_method(cfg.synthesis.method).lora
+    if lora is None:
+        raise ValueError(f"synthesis.method={cfg.synthesis.method!r} has no adaptation stage")
+    return lora
 
 
 def method_settings(cfg: Config) -> dict:
+    """Rank, alpha, lr and target modules: the method's own, unless ``adapt.*`` sets them."""
     from synthset.lora.bank import resolve_targets
 
-    defaults = METHOD_DEFAULTS[cfg.synthesis.method]
-    rank = cfg.adapt.rank or defaults["rank"]
-    targets = cfg.adapt.targets or defaults["targets"]
-    return {"rank": rank, "alpha": cfg.adapt.alpha or float(rank), "lr": cfg.adapt.lr or defaults["lr"],
+    lora = method_lora(cfg)
+    rank = cfg.adapt.rank or lora.rank
+    targets = cfg.adapt.targets or lora.targets
+    return {"rank": rank, "alpha": cfg.adapt.alpha or float(rank), "lr": cfg.adapt.lr or lora.lr,
             "targets": list(resolve_targets(targets)), "target_preset": targets if isinstance(targets, str) else None}
 
 
@@ -115,8 +117,8 @@ def train_bank(model_path: str, images: np.ndarray, prompts: list[str], owner: n
             "loss_last": float(losses[-max(1, cfg.steps // 10):].mean())}
 
 
-def _tckr_train_loop(config: dict) -> None:
-    """Ray Train worker: one share of every step of TCKR's single LoRA (gradients summed over ranks)."""
+def _data_parallel_train_loop(config: dict) -> None:
+    """Ray Train worker: one share of every step of a single LoRA (TCKR; gradients summed over ranks)."""
     import ray.train
 
     ctx = ray.train.get_context()
@@ -126,12 +128,12 @@ def _tckr_train_loop(config: dict) -> None:
 
 
 def train_bank_data_parallel(cfg: Config, stage: StageDir, bank: dict) -> dict:
-    """TCKR: one LoRA trained data-parallel with Ray Train (``adapt.workers`` workers)."""
+    """One LoRA over the whole set (TCKR) trained data-parallel with Ray Train (``adapt.workers`` workers)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
-        _tckr_train_loop, train_loop_config={"bank": bank},
+        _data_parallel_train_loop, train_loop_config={"bank": bank},
         scaling_config=ScalingConfig(num_workers=cfg.adapt.workers, use_gpu=cfg.adapt.use_gpu,
                                      resources_per_worker={"CPU": cfg.adapt.cpus_per_worker}),
         run_config=RunConfig(name=f"adapt-{stage.hash}", storage_path=_ray_storage(stage)))
@@ -155,7 +157,10 @@ def _training_set(cfg: Config, captions_path: str | None):
     shots = select_shots(private.labels, len(names), cfg.adapt.shots_per_class, cfg.adapt.seed)
     labels = private.labels[shots].astype(np.int64)
     captions = None
-    if cfg.synthesis.method == "tckr":
+    if method_lora(cfg).prompt == "caption":  # TCKR: "{class}: {caption}" of each image
+        if captions_path is None:
+            raise ValueError(f"adapt: synthesis.method={cfg.synthesis.method!r} trains on caption prompts, but no "
+                             "captions were given (run the caption stage first)")
         all_captions = read_captions(captions_path)
         if len(all_captions) != len(private):
             raise ValueError(f"{captions_path}: {len(all_captions)} captions for {len(private)} private images")
@@ -179,9 +184,9 @@ def run_adapt(cfg: Config, model_path: str, captions_path: str | None = None, re
     stage = adapt_dir(cfg)
     if resume and stage.is_complete():
         return stage.reuse(stage.path("loras.safetensors"))
-    method = cfg.synthesis.method
+    method, lora = cfg.synthesis.method, method_lora(cfg)
     images, labels, positions, real_index, prompts, captions, names = _training_set(cfg, captions_path)
-    owner, num_loras = plan_loras(method, labels)
+    owner, num_loras = lora.owners(labels)
     settings = method_settings(cfg)
     per_bank = cfg.adapt.loras_per_bank
     stage.begin(cfg)
@@ -200,7 +205,7 @@ def run_adapt(cfg: Config, model_path: str, captions_path: str | None = None, re
                         max_retries=2)(train_bank)
     pending, results = [], []
     progress = Progress("adapt", max(1, len(todo)), "banks", every=30.0)
-    if method == "tckr" and cfg.adapt.workers > 1 and todo:  # one LoRA: split each step across workers
+    if lora.per == "dataset" and cfg.adapt.workers > 1 and todo:  # one LoRA: split each step across workers
         bank = {"model_path": model_path, "images": images, "prompts": prompts, "owner": owner, "first_id": 0,
                 "num_loras": 1, "settings": settings, "adapt": cfg.adapt.model_dump(mode="json"),
                 "out_uri": todo[0]["uri"]}
@@ -219,15 +224,8 @@ def run_adapt(cfg: Config, model_path: str, captions_path: str | None = None, re
         results.append(r)
         progress.update(1)
     merged = merge_banks([load_bank(bk["uri"]) for bk in banks])
-    loras = [{"id": int(k), "class_id": int(labels[owner == k][0]) if method != "tckr" else None,
-              "real_index": int(real_index[owner == k][0]) if method == "loft" else None,
-              "private_position": int(positions[owner == k][0]) if method == "loft" else None}
-             for k in range(num_loras)]
     save_bank(stage.path("loras.safetensors"), merged, {"method": method, "stage_hash": stage.hash})
-    table = {"method": method, "class_names": names, **settings, "loras": loras,
-             "shots": [{"private_position": int(p), "real_index": int(r), "class_id": int(c),
-                        "caption": captions[i] if captions else None, "lora_id": int(owner[i])}
-                       for i, (p, r, c) in enumerate(zip(positions, real_index, labels))]}
+    table = lora_table(cfg, names, settings, owner, num_loras, labels, positions, real_index, captions)
     storage.write_json(stage.path("loras.json"), table)
     seconds = time.time() - t0
     losses = {k: float(np.mean([r[k] for r in results])) if results else None for k in ("loss_first", "loss_last")}
@@ -241,28 +239,38 @@ def run_adapt(cfg: Config, model_path: str, captions_path: str | None = None, re
     return summary
 
 
-def plan_context(cfg: Config, class_names: list[str], table_uri: str | None, captions_path: str | None):
-    """The ``methods.PlanContext`` of ``cfg``'s method from the adaptation table and captions."""
-    from synthset.methods import PlanContext
-    from synthset.stages.caption import read_captions
+def lora_table(cfg: Config, class_names: list[str], settings: dict, owner: np.ndarray, num_loras: int,
+               labels: np.ndarray, positions: np.ndarray, real_index: np.ndarray, captions: list[str] | None) -> dict:
+    """``loras.json``: each LoRA's class (None for one LoRA over every class) and, for per-image LoRAs, its
+    real image; each shot's private position, source index, class, caption and LoRA. ``owner[i]`` is the
+    LoRA of shot ``i`` (``LoraAdaptation.owners``)."""
+    per = method_lora(cfg).per
+    loras = [{"id": int(k), "class_id": int(labels[owner == k][0]) if per != "dataset" else None,
+              "real_index": int(real_index[owner == k][0]) if per == "image" else None,
+              "private_position": int(positions[owner == k][0]) if per == "image" else None}
+             for k in range(num_loras)]
+    return {"method": cfg.synthesis.method, "class_names": class_names, **settings, "loras": loras,
+            "shots": [{"private_position": int(p), "real_index": int(r), "class_id": int(c),
+                       "caption": captions[i] if captions else None, "lora_id": int(owner[i])}
+                      for i, (p, r, c) in enumerate(zip(positions, real_index, labels))]}
 
-    method = cfg.synthesis.method
-    captions: dict[int, list[tuple[int, str]]] = {}
+
+def read_lora_table(uri: str) -> dict:
+    """The ``loras.json`` table the adapt stage wrote (``lora_table``)."""
+    return storage.read_json(uri)
+
+
+def loras_by_class(table: dict) -> dict[int, list[int]]:
+    """Class id → the ids of that class's LoRAs (DataDream: one; LoFT: one per real image)."""
     loras: dict[int, list[int]] = {}
-    table = storage.read_json(table_uri) if table_uri else None
-    if method == "caption_prompt":
-        from synthset.data.splits import make_splits
+    for lora in table["loras"]:
+        loras.setdefault(lora["class_id"], []).append(lora["id"])
+    return loras
 
-        labels = make_splits(cfg.data).private.labels
-        for pos, text in enumerate(read_captions(captions_path)):
-            captions.setdefault(int(labels[pos]), []).append((pos, text))
-    elif method == "tckr":
-        for shot in table["shots"]:
-            captions.setdefault(shot["class_id"], []).append((shot["private_position"], shot["caption"]))
-    if method == "tckr":
-        loras = {c: [0] for c in range(len(class_names))}
-    elif method in ("datadream", "loft"):
-        for lora in table["loras"]:
-            loras.setdefault(lora["class_id"], []).append(lora["id"])
-    return PlanContext(class_names, cfg.synthesis.prompt_template, cfg.synthesis.caption_template, captions, loras,
-                       cfg.synthesis.fusion.model_dump())
+
+def shot_captions_by_class(table: dict) -> dict[int, list[tuple[int, str]]]:
+    """Class id → [(private position, caption)] of the images the LoRAs were adapted on (TCKR)."""
+    captions: dict[int, list[tuple[int, str]]] = {}
+    for shot in table["shots"]:
+        captions.setdefault(shot["class_id"], []).append((shot["private_position"], shot["caption"]))
+    return captions

@@ -68,6 +68,17 @@ def read_captions(path: str) -> list[str]:
     return [r["caption"] for r in rows]
 
 
+def captions_by_class(cfg: Config, path: str) -> dict[int, list[tuple[int, str]]]:
+    """Class id → [(private position, caption)] of every image of the private captions ``path``."""
+    from synthset.data.splits import make_splits
+
+    labels = make_splits(cfg.data).private.labels
+    by_class: dict[int, list[tuple[int, str]]] = {}
+    for pos, text in enumerate(read_captions(path)):
+        by_class.setdefault(int(labels[pos]), []).append((pos, text))
+    return by_class
+
+
 def _split_images(cfg_data, split: str):
     from synthset.data.splits import make_splits
 

@@ -53,7 +53,8 @@ def _pretrain_loop(config: dict) -> None:
     from synthset.diffusion.text_to_image import encode_latents, train_unet, train_vae
     from synthset.eval.plots import save_class_grid, save_curves
     from synthset.diffusion.text_to_image import caption_prompts
-    from synthset.methods.class_prompt import generate_batch, plan_requests
+    from synthset.diffusion.text_to_image_sampler import generate_batch
+    from synthset.methods.class_prompt import plan_requests
     from synthset.models.captioners import caption_images, load_captioner
     from synthset.models.foundation import build_foundation
     from synthset.stages.caption import write_captions

@@ -64,7 +64,11 @@ def _context_from_dict(context: dict | None, class_names: list[str], syn):
 
 
 class ShardGenerator:
-    """Ray Data actor: loads the foundation pipeline once, turns shard rows into written shards.
+    """Ray Data actor: loads the method's generator once, turns shard rows into written shards.
+
+    The method (``methods/<synthesis.method>.py``) plans each shard's requests, loads its generator
+    (for the text-to-image methods: the foundation pipeline with the adapted LoRAs) and generates
+    each batch.
 
     Images are encoded (PNG/JPEG) on a background thread while the model generates the next
     batch, so encoding stays off the model's critical path (it matters at 512 px on a GPU).
@@ -74,46 +78,29 @@ class ShardGenerator:
                  dataset: str, generator_id: str, context: dict | None = None, loras: str | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
-        import torch
-
         from synthset.config import SynthesisConfig
-        from synthset.models.foundation import load_foundation
+        from synthset.methods import get_method
 
         self.cfg = SynthesisConfig.model_validate(synthesis)
+        self.method = get_method(self.cfg.method)
         device, dtype = _torch_setup(self.cfg.actors.num_cpus, self.cfg.actors.num_gpus, self.cfg.dtype)
         # Half precision only on GPU; on CPU it is slower (bf16) or unsupported (fp16).
-        self.pipe = load_foundation(model_path, device=device, dtype=dtype if device == "cuda" else None)
-        self.fused = bool(loras)
-        if loras:  # the adapted LoRAs, every one of them, routed per sample at generation time
-            from synthset.lora.bank import fold_lora_into_base, load_bank_into
-            from synthset.methods import SINGLE_LORA_METHODS
-
-            load_bank_into(self.pipe.unet, loras)
-            if self.cfg.method in SINGLE_LORA_METHODS:  # one LoRA for every image: merged, base speed
-                fold_lora_into_base(self.pipe.unet, 0, 1.0)
-                self.fused = False
-        if self.cfg.compile:
-            self.pipe.unet = torch.compile(self.pipe.unet)
+        self.generator = self.method.load_generator(model_path, loras, self.cfg, device,
+                                                    dtype if device == "cuda" else None)
         self.class_names, self.run_seed, self.dataset, self.generator_id = class_names, run_seed, dataset, generator_id
         self.context = _context_from_dict(context, class_names, self.cfg)
         self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
 
     def __call__(self, batch: dict) -> dict:
-        from synthset.lora.fused import fused_generate
-        from synthset.methods import plan_requests
-        from synthset.methods.class_prompt import generate_batch
-
-        generate = fused_generate if self.fused else generate_batch
         out = {"index": [], "stats": []}
         for shard, start, stop in zip(batch["shard"], batch["start"], batch["stop"]):
             t0 = time.time()
-            requests = plan_requests(self.cfg.method, int(start), int(stop), self.run_seed, self.context)
+            requests = self.method.plan_requests(int(start), int(stop), self.run_seed, self.context)
             encoded, model_seconds = [], 0.0
             for i in range(0, len(requests), self.cfg.batch_size):
                 chunk = requests[i:i + self.cfg.batch_size]
                 t = time.time()
-                images = generate(self.pipe, chunk, self.cfg.num_inference_steps, self.cfg.guidance_scale,
-                                   self.cfg.resolution, self.cfg.resolution)
+                images = self.method.generate_batch(self.generator, chunk, self.cfg)
                 model_seconds += time.time() - t
                 encoded.append((chunk, self.encoder.submit(_encode_all, images, self.cfg.image_format)))
             samples = []
@@ -171,16 +158,17 @@ def run_synthesis(cfg: Config, model_path: str, class_names: list[str], resume: 
     """Generate the planned images into ``<synthesis dir>/data`` and return the stage summary.
 
     ``context``: the method's ``PlanContext`` (captions, LoRA table; ClassPrompt needs none);
-    ``loras``: the adapted LoRA bank (``stages.adapt``) for tckr / datadream / loft.
+    ``loras``: the adapted LoRA bank (``stages.adapt``) of a method that needs LoRAs.
     """
     import dataclasses
+
+    from synthset.methods import get_method
+
     stage = synthesis_dir(cfg)
     if resume and stage.is_complete():
         return stage.reuse(stage.path("data"))
     syn = cfg.synthesis
-    from synthset.methods import LORA_METHODS
-
-    if (syn.method in LORA_METHODS) != bool(loras):
+    if ("loras" in get_method(syn.method).needs) != bool(loras):
         raise ValueError(f"synthesis.method={syn.method!r} " + ("needs the adapted LoRAs (run the adapt stage first)"
                                                                  if loras else "takes no LoRAs"))
     total = syn.images_per_class * len(class_names)
