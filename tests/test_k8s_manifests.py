@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,6 +32,7 @@ import yaml
 from jsonschema import Draft7Validator, FormatChecker, ValidationError, validators
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "platform"))
 K8S_DIR = REPO / "k8s"
 CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
@@ -246,6 +249,16 @@ BROKEN = {
         lambda d: d["spec"].__setitem__("shutdownAfterJobFinishes", "true"),
         "spec.shutdownAfterJobFinishes",
     ),
+    "auth mode misspelled": (
+        "rayjob-pipeline.yaml",
+        lambda d: d["spec"]["rayClusterSpec"]["authOptions"].__setitem__("mode", "tokens"),
+        "spec.rayClusterSpec.authOptions.mode",
+    ),
+    "submitter runAsNonRoot misspelled": (
+        "rayjob-generate.yaml",
+        lambda d: d["spec"]["submitterPodTemplate"]["spec"]["securityContext"].__setitem__("runAsNonroot", True),
+        "spec.submitterPodTemplate.spec.securityContext",
+    ),
     "entrypoint is a list": (
         "rayjob-generate.yaml",
         lambda d: d["spec"].__setitem__("entrypoint", ["python", "jobs/generate.py"]),
@@ -296,8 +309,94 @@ def test_rayjob_runs_a_synthset_job(doc_id, doc):
 def test_pipeline_rayjob_entrypoint():
     entrypoint = _manifest("rayjob-pipeline.yaml")["spec"]["entrypoint"].split()
     assert entrypoint[:2] == ["python", "jobs/pipeline.py"]
-    assert "--config" in entrypoint
-    assert "output.root=s3://synthset-runs/fmnist" in entrypoint
+    assert entrypoint[entrypoint.index("--config") + 1] == "conf/prod/loft.yaml"
+    assert "output.root=s3://synthset-runs/loft-1m" in entrypoint
+
+
+@pytest.mark.parametrize("doc_id,doc", RAYJOBS, ids=[m[0] for m in RAYJOBS])
+def test_rayjob_entrypoint_names_files_that_exist_and_a_valid_config(doc_id, doc):
+    """The script and config the entrypoint names are in the repo (the image copies it), and the config
+    with the entrypoint's overrides validates and writes to object storage."""
+    import shlex
+
+    from synthset.config import load_config
+
+    args = shlex.split(doc["spec"]["entrypoint"])
+    assert args[0] == "python" and (REPO / args[1]).is_file(), f"{doc_id}: {args[1]} not in the repo"
+    config = args[args.index("--config") + 1]
+    assert (REPO / config).is_file(), f"{doc_id}: {config} not in the repo"
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    cfg = load_config(REPO / config, overrides)
+    assert cfg.output.root.startswith(("s3://", "gs://")), f"{doc_id}: output.root {cfg.output.root} is not object storage"
+    assert cfg.tracking.uri is None, f"{doc_id}: the MLflow URI should come from the synthset-mlflow Secret"
+
+
+# --------------------------------------------------------------------------- image and pods
+
+DOCKERFILE = REPO / "Dockerfile"
+
+
+def _pod_templates() -> list[tuple[str, dict]]:
+    """(where, pod template) of every pod the manifests create: head, worker groups, RayJob submitters."""
+    out = []
+    for doc_id, spec in _cluster_specs():
+        out.append((f"{doc_id}/head", spec["headGroupSpec"]["template"]))
+        out += [(f"{doc_id}/{g['groupName']}", g["template"]) for g in spec.get("workerGroupSpecs", [])]
+    for doc_id, doc in RAYJOBS:
+        if "submitterPodTemplate" in doc["spec"]:
+            out.append((f"{doc_id}/submitter", doc["spec"]["submitterPodTemplate"]))
+    return out
+
+
+PODS = _pod_templates()
+
+
+def test_the_image_is_built_from_the_repo_dockerfile():
+    text = DOCKERFILE.read_text()
+    assert (REPO / ".dockerignore").is_file()
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON\}\$\{CUDA:\+-gpu\}", text, re.M)
+    assert re.search(r"^ARG RAY_VERSION=2\.60\.0$", text, re.M), "the base must match the pinned Ray"
+    assert "whl/${CUDA:-cpu}" in text, "CPU torch by default, the CUDA wheel index with --build-arg CUDA=…"
+    assert re.search(r"pip install --no-cache-dir \.$", text, re.M), "the image installs the project"
+    assert re.search(r"^USER ray$", text, re.M)
+    for copied in re.findall(r"^COPY --chown=\S+ (.+) \S+$", text, re.M):
+        for path in copied.split():
+            assert (REPO / path).exists(), f"Dockerfile copies {path}, which is not in the repo"
+    images = {c["image"] for _, pod in PODS for c in pod["spec"]["containers"]}
+    assert len(images) == 1 and "synthset" in images.pop(), "every pod runs the one synthset image"
+
+
+@pytest.mark.parametrize("where,pod", PODS, ids=[p[0] for p in PODS])
+def test_pods_run_as_non_root_with_requests_equal_to_limits(where, pod):
+    security = pod["spec"].get("securityContext", {})
+    assert security.get("runAsNonRoot") is True and security.get("runAsUser", 0) != 0, where
+    for container in pod["spec"]["containers"]:
+        assert container.get("securityContext", {}).get("allowPrivilegeEscalation") is False, where
+        resources = container["resources"]
+        assert resources["requests"] == resources["limits"], f"{where}: requests != limits (Guaranteed QoS)"
+
+
+@pytest.mark.parametrize("where,pod", [p for p in PODS if not p[0].endswith("/submitter")],
+                         ids=[p[0] for p in PODS if not p[0].endswith("/submitter")])
+def test_ray_pods_have_shared_memory_and_no_secret_values(where, pod):
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    for container in pod["spec"]["containers"]:
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", where
+        for env in container.get("env", []):
+            if re.search(r"PASSWORD|SECRET|TOKEN|KEY|MLFLOW_TRACKING_URI", env["name"]):
+                assert "value" not in env and "secretKeyRef" in env.get("valueFrom", {}), (
+                    f"{where}: {env['name']} must come from a Secret, not a literal")
+
+
+def test_token_auth_is_on_and_rayjob_clusters_match_the_raycluster():
+    cluster = _manifest("raycluster.yaml")["spec"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "synthset-ray-auth"}
+    for doc_id, doc in RAYJOBS:
+        spec = copy.deepcopy(doc["spec"]["rayClusterSpec"])
+        assert spec.pop("authOptions") == {"mode": "token"}, doc_id  # KubeRay makes a per-cluster token
+        assert spec == {k: v for k, v in cluster.items() if k != "authOptions"}, (
+            f"{doc_id}: rayClusterSpec drifted from k8s/raycluster.yaml")
 
 
 CLUSTERS = _cluster_specs()
@@ -330,10 +429,13 @@ def test_cluster_groups_are_consistent(doc_id, spec):
     gpu = groups["gpu-workers"]
     assert (gpu["minReplicas"], gpu["maxReplicas"]) == (0, 8), doc_id
     assert gpu["rayStartParams"].get("num-gpus") == "1", doc_id
+    assert head["rayStartParams"].get("num-cpus") == "0", f"{doc_id}: tasks and actors must not run on the head"
     for group in [head, *groups.values()]:
         for container in _containers(group):
             env = {e["name"]: e for e in container.get("env", [])}
-            assert "MLFLOW_TRACKING_URI" in env, f"{doc_id}/{container['name']}"
+            assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]["name"] == "synthset-mlflow", doc_id
+            for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                assert env[var]["valueFrom"]["secretKeyRef"]["name"] == "synthset-mlflow", (doc_id, var)
             for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
                 ref = env[var]["valueFrom"]["secretKeyRef"]
                 assert ref["name"] == "synthset-s3" and ref.get("optional") is True, (doc_id, var)
