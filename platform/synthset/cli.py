@@ -15,7 +15,8 @@ def parse(description: str, argv: list[str] | None = None) -> tuple[argparse.Nam
     parser.add_argument("--config", help="YAML config (default: built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by dotted path, e.g. --set synthesis.guidance_scale=2 (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; do no work")
+    parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config, each stage's "
+                        "directory and the plan (images, shards, expected GPU-hours); do no work")
     parser.add_argument("--no-resume", action="store_true", help="discard partial outputs of this config and start over")
     args = parser.parse_args(argv)
     try:
@@ -29,13 +30,15 @@ def parse(description: str, argv: list[str] | None = None) -> tuple[argparse.Nam
 def main(description: str, work: Callable[[argparse.Namespace, Config], object], argv: list[str] | None = None) -> None:
     """Parse, then either print the resolved config (--dry-run) or do the job's work."""
     args, cfg = parse(description, argv)
-    if args.dry_run:
-        from synthset.pipeline import describe, print_json
-
-        print(cfg.to_yaml())
-        print_json(describe(cfg))
-        return
     try:
+        if args.dry_run:
+            from synthset.pipeline import describe, print_json
+            from synthset.projection import format_projection, project_run
+
+            print(cfg.to_yaml())
+            print_json(describe(cfg))
+            print(format_projection(project_run(cfg)))  # images, shards, expected GPU-hours
+            return
         work(args, cfg)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -50,14 +50,67 @@ class RunConfig(Section):
     seed: int = Field(0, ge=0, description="Seeds the generation plan: each image's seed derives from (seed, index).")
 
 
+# Query parameters of a URI that carry secrets (pyarrow's s3 access_key/secret_key/session_token, tokens, passwords).
+_SECRET_QUERY_WORDS = ("key", "token", "secret", "password", "passwd", "signature", "credential")
+
+
+def uri_credentials(uri: str) -> str | None:
+    """What secret ``uri`` carries (``"a password"``, ``"a user name"``, ``"a 'token' query parameter"``), or None.
+
+    Credentials never belong in a config: it is hashed, written beside every artifact as ``config.yaml``
+    and logged to MLflow. The message never repeats the value.
+    """
+    from urllib.parse import parse_qsl, urlsplit
+
+    if "://" not in uri:
+        return None
+    parts = urlsplit(uri)
+    if parts.password is not None:
+        return "a password (before the @)"
+    if parts.username is not None and parts.scheme in ("http", "https"):
+        return "a user name or token (before the @)"
+    for name, _ in parse_qsl(parts.query, keep_blank_values=True):
+        if any(word in name.lower() for word in _SECRET_QUERY_WORDS):
+            return f"a {name!r} query parameter"
+    return None
+
+
+def _reject_credentials(data: Any, dotted: str, where: str) -> Any:
+    """A ``mode="before"`` check of field ``dotted`` (``section.field``), so that the error does not echo the secret."""
+    value = data.get(dotted.rsplit(".", 1)[-1]) if isinstance(data, dict) else None
+    problem = uri_credentials(value) if isinstance(value, str) else None
+    if problem:
+        raise ValueError(f"{dotted}: the URI holds {problem}; credentials are not allowed in a config (it is "
+                         f"written beside every artifact and logged to MLflow). {where}")
+    return data
+
+
 class OutputConfig(Section):
-    root: str = Field("runs/default", description="Directory (or pyarrow filesystem URI) for every artifact.")
+    root: str = Field("runs/default", description="Directory (or pyarrow filesystem URI) for every artifact. "
+                      "Credentials come from the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, workload "
+                      "identity), never from the URI.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        return _reject_credentials(data, "output.root", "Give object-store credentials in the environment: "
+                                   "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3://, workload identity or "
+                                   "GOOGLE_APPLICATION_CREDENTIALS for gs://.")
 
 
 class TrackingConfig(Section):
     enabled: bool = True
-    uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite:///<output.root>/mlflow.db")
+    uri: str | None = Field(None, description="MLflow tracking URI, without credentials; default: the "
+                            "MLFLOW_TRACKING_URI environment variable, else sqlite:///<output.root>/mlflow.db. "
+                            "Credentials: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or "
+                            "MLFLOW_TRACKING_TOKEN in the environment.")
     experiment: str = "synthset"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        return _reject_credentials(data, "tracking.uri", "Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                                   "MLFLOW_TRACKING_TOKEN) in the environment instead; MLflow reads them there.")
 
 
 class RayConfig(Section):

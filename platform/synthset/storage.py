@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import uuid
 from pathlib import Path
 
@@ -24,6 +25,23 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
+
+
+def _location(uri: str) -> tuple[str, str]:
+    """(filesystem, normalised absolute path) of ``uri``: ``("", path)`` for local paths and ``file://``,
+    ``("s3://bucket", "/key/prefix")`` for a remote URI. Purely lexical: ``..`` is folded, links are not followed."""
+    uri = str(uri)
+    if is_local(uri):
+        return "", os.path.normpath(os.path.abspath(os.path.expanduser(local_path(uri))))
+    scheme, rest = uri.split("://", 1)
+    bucket, _, key = rest.partition("/")
+    return f"{scheme}://{bucket}", posixpath.normpath("/" + key)
+
+
+def is_within(root: str, uri: str) -> bool:
+    """Whether ``uri`` is ``root`` or lies below it (same filesystem, same bucket; ``..`` folded first)."""
+    (root_fs, root_path), (fs, path) = _location(root), _location(uri)
+    return fs == root_fs and (path == root_path or path.startswith(root_path.rstrip("/") + "/"))
 
 
 def is_local(uri: str) -> bool:

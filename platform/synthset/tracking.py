@@ -1,8 +1,11 @@
 """MLflow tracking: one parent run per pipeline (or job), one nested run per stage.
 
-The tracking URI defaults to a SQLite file under the run's output root (absolute, because Ray
-Tune changes trial working directories); set ``tracking.uri`` to an ``http://`` MLflow server
-in production. ``tracking.enabled: false`` turns every call into a no-op.
+The tracking URI is ``tracking.uri``, else the ``MLFLOW_TRACKING_URI`` environment variable (how a
+KubeRay pod gets it from a Secret), else a SQLite file under the run's output root (absolute,
+because Ray Tune changes trial working directories). Credentials come only from the environment
+(``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``, read by
+MLflow itself): a URI holding them is rejected, in the config and in the environment alike.
+``tracking.enabled: false`` turns every call into a no-op.
 """
 
 from __future__ import annotations
@@ -10,16 +13,25 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-from synthset.config import Config
+from synthset.config import Config, uri_credentials
 from synthset.stages.common import output_root
 
 
 def tracking_uri(cfg: Config) -> str:
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else SQLite under a local output root."""
     if cfg.tracking.uri:
         return cfg.tracking.uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        problem = uri_credentials(env)
+        if problem:
+            raise ValueError(f"MLFLOW_TRACKING_URI: the URI holds {problem}; give credentials in "
+                             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
+        return env
     root = output_root(cfg)
     if "://" in root:
-        raise ValueError("tracking.uri: set an MLflow server URI when output.root is remote")
+        raise ValueError("tracking.uri: output.root is remote, so set an MLflow server URI (tracking.uri or the "
+                         "MLFLOW_TRACKING_URI environment variable)")
     return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
 
 
