@@ -57,6 +57,7 @@ def variants(shots: int) -> dict[str, list[str]]:
         # The platform's default (conf/quickstart.yaml): whatever the config's adapt section says.
         "default": [],
         "real": [],  # handled by real_run
+        "real-vae": [],  # real_run through the foundation's VAE: the ceiling of anything decoded by it
     }
 
 
@@ -85,8 +86,29 @@ def pipeline_run(config: str, name: str, overrides: list[str]) -> dict | None:
             "teacher": summary["teacher_accuracy"], "wall_s": round(time.time() - t0)}
 
 
-def real_run(cfg: Config, per_class: int, seed: int) -> dict:
-    """The config's Student recipe on ``per_class`` real private images per class (seeded)."""
+def vae_roundtrip(cfg: Config, images: np.ndarray) -> np.ndarray:
+    """uint8 images encoded by the foundation's VAE (posterior mean) and decoded: what a generator
+    that decodes through this VAE could at best produce for them."""
+    import torch
+
+    from synthset.data.splits import to_unit_tensor
+    from synthset.diffusion.text_to_image import encode_latents
+    from synthset.models.foundation import load_foundation
+    from synthset.stages.foundation import foundation_model_path
+
+    vae = load_foundation(foundation_model_path(cfg)).vae
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), 256):
+            z = encode_latents(vae, to_unit_tensor(images[i:i + 256]))
+            x = vae.decode(z).sample.clamp(-1, 1)
+            out.append(((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).squeeze(-1).numpy())
+    return np.concatenate(out)
+
+
+def real_run(cfg: Config, per_class: int, seed: int, through_vae: bool = False) -> dict:
+    """The config's Student recipe on ``per_class`` real private images per class (seeded);
+    ``through_vae``: the same images after a round trip through the foundation's VAE."""
     import torch
 
     from synthset import storage
@@ -105,10 +127,13 @@ def real_run(cfg: Config, per_class: int, seed: int) -> dict:
     names = splits.class_names
     picked = select_shots(splits.private.labels, len(names), per_class, seed)
     key = config_hash({"data": cfg.data.model_dump(mode="json"), "teacher": teacher["stage_hash"],
-                       "per_class": per_class, "seed": seed})
+                       "per_class": per_class, "seed": seed,
+                       **({"vae": config_hash(cfg.foundation.model_dump(mode="json"))} if through_vae else {})})
     dataset = storage.join(output_root(cfg), "real", key)
     if not storage.exists(storage.join(dataset, "manifest.json")):
         images = fit_images(splits.private.images[picked], cfg.data.image_size)
+        if through_vae:
+            images = vae_roundtrip(cfg, images)
         labels = splits.private.labels[picked]
         model = load_classifier(storage.materialize(teacher["model"]))
         soft = predict_proba(model, torch.stack([image_to_tensor(im, cfg.data.image_size, 1) for im in images]))
@@ -120,11 +145,11 @@ def real_run(cfg: Config, per_class: int, seed: int) -> dict:
                        for j, p in zip(range(lo, min(lo + size, len(images))), picked[lo:lo + size])]
             stats.append(write_shard(dataset, i, samples))
         write_manifest(dataset, {"class_names": names, "method": "real", "generator": None}, stats)
-    row = {"images": len(picked), "method": "real", "teacher": teacher["test_accuracy"]}
+    row = {"images": len(picked), "method": "real-vae" if through_vae else "real", "teacher": teacher["test_accuracy"]}
     for labels in cfg.student.labels:  # cfg.student.seed is the run's seed (seed_overrides)
         stage_hash = config_hash({"dataset": key, "student": cfg.student.model_dump(mode="json"), "labels": labels})
-        stage = StageDir(f"student-real-{labels}", stage_hash,
-                         storage.join(output_root(cfg), f"student-real-{labels}", stage_hash))
+        name = f"student-{row['method']}-{labels}"
+        stage = StageDir(name, stage_hash, storage.join(output_root(cfg), name, stage_hash))
         row[f"student_{labels}"] = run_student(cfg, dataset, labels, stage=stage)["test_accuracy"]
     row["wall_s"] = round(time.time() - t0)
     return row
@@ -172,8 +197,8 @@ def main() -> None:
     for name in chosen:
         for seed in seeds:
             overrides = common + table[name] + seed_overrides(seed)
-            if name == "real":
-                run = real_run(load_config(args.config, overrides), args.images_per_class, seed)
+            if name in ("real", "real-vae"):
+                run = real_run(load_config(args.config, overrides), args.images_per_class, seed, name == "real-vae")
             else:
                 run = pipeline_run(args.config, f"{name}-seed{seed}", overrides)
             if run is None:
