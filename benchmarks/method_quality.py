@@ -86,17 +86,19 @@ def pipeline_run(config: str, name: str, overrides: list[str]) -> dict | None:
             "teacher": summary["teacher_accuracy"], "wall_s": round(time.time() - t0)}
 
 
-def vae_roundtrip(cfg: Config, images: np.ndarray) -> np.ndarray:
-    """uint8 images encoded by the foundation's VAE (posterior mean) and decoded: what a generator
-    that decodes through this VAE could at best produce for them."""
+def vae_roundtrip(cfg: Config, images: np.ndarray, vae=None) -> np.ndarray:
+    """uint8 images encoded by a VAE (posterior mean) and decoded: what a generator that decodes
+    through it could at best produce for them. ``vae``: the foundation's when None."""
     import torch
 
     from synthset.data.splits import to_unit_tensor
     from synthset.diffusion.text_to_image import encode_latents
-    from synthset.models.foundation import load_foundation
-    from synthset.stages.foundation import foundation_model_path
 
-    vae = load_foundation(foundation_model_path(cfg)).vae
+    if vae is None:
+        from synthset.models.foundation import load_foundation
+        from synthset.stages.foundation import foundation_model_path
+
+        vae = load_foundation(foundation_model_path(cfg)).vae
     out = []
     with torch.no_grad():
         for i in range(0, len(images), 256):
@@ -106,9 +108,10 @@ def vae_roundtrip(cfg: Config, images: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
-def real_run(cfg: Config, per_class: int, seed: int, through_vae: bool = False) -> dict:
+def real_run(cfg: Config, per_class: int, seed: int, through_vae: bool = False, vae=None, vae_id: str = "") -> dict:
     """The config's Student recipe on ``per_class`` real private images per class (seeded);
-    ``through_vae``: the same images after a round trip through the foundation's VAE."""
+    ``through_vae``: the same images after a round trip through the foundation's VAE, or through
+    ``vae`` (named ``vae_id`` in the dataset key and the row) when given."""
     import torch
 
     from synthset import storage
@@ -128,12 +131,13 @@ def real_run(cfg: Config, per_class: int, seed: int, through_vae: bool = False) 
     picked = select_shots(splits.private.labels, len(names), per_class, seed)
     key = config_hash({"data": cfg.data.model_dump(mode="json"), "teacher": teacher["stage_hash"],
                        "per_class": per_class, "seed": seed,
-                       **({"vae": config_hash(cfg.foundation.model_dump(mode="json"))} if through_vae else {})})
+                       **({"vae": [vae_id, config_hash(cfg.foundation.model_dump(mode="json"))] if vae_id else
+                           config_hash(cfg.foundation.model_dump(mode="json"))} if through_vae else {})})
     dataset = storage.join(output_root(cfg), "real", key)
     if not storage.exists(storage.join(dataset, "manifest.json")):
         images = fit_images(splits.private.images[picked], cfg.data.image_size)
         if through_vae:
-            images = vae_roundtrip(cfg, images)
+            images = vae_roundtrip(cfg, images, vae)
         labels = splits.private.labels[picked]
         model = load_classifier(storage.materialize(teacher["model"]))
         soft = predict_proba(model, torch.stack([image_to_tensor(im, cfg.data.image_size, 1) for im in images]))
@@ -145,7 +149,8 @@ def real_run(cfg: Config, per_class: int, seed: int, through_vae: bool = False) 
                        for j, p in zip(range(lo, min(lo + size, len(images))), picked[lo:lo + size])]
             stats.append(write_shard(dataset, i, samples))
         write_manifest(dataset, {"class_names": names, "method": "real", "generator": None}, stats)
-    row = {"images": len(picked), "method": "real-vae" if through_vae else "real", "teacher": teacher["test_accuracy"]}
+    row = {"images": len(picked), "method": ("real-vae" + (f"-{vae_id}" if vae_id else "")) if through_vae else "real",
+           "teacher": teacher["test_accuracy"]}
     for labels in cfg.student.labels:  # cfg.student.seed is the run's seed (seed_overrides)
         stage_hash = config_hash({"dataset": key, "student": cfg.student.model_dump(mode="json"), "labels": labels})
         name = f"student-{row['method']}-{labels}"
