@@ -52,6 +52,8 @@ def test_every_config_dry_runs_and_prints_its_plan(config, tmp_path, monkeypatch
     if config.startswith("prod/"):
         assert "GPU-hours" in plan["synthesis"] and "per 1M images" in plan["synthesis"]
         assert "assumed, not measured" in plan["assumption"]
+    elif config == "own_data.yaml":  # a user's folder, not in this checkout: classes unknown, and said why
+        assert plan["classes"] == "unknown (data.path 'data/my_images' is not readable here)", plan["classes"]
     else:  # the embedded default: Fashion-MNIST's 10 classes, measured CPU throughput
         assert re.fullmatch(r"[\d,]+ \([\d,]+ per class\)", plan["images"]), plan["images"]
         assert plan["shards"].split()[0] != "unknown"

@@ -227,7 +227,8 @@ class DataConfig(Section):
 
 class FoundationArch(Section):
     image_size: int = Field(32, ge=8, le=1024)
-    image_channels: int = Field(1, ge=1, le=4)
+    image_channels: int = Field(1, ge=1, le=4, description="Channels of the VAE's images; follows data.channels "
+                                "when left out (set it only to check they agree).")
     latent_channels: int = Field(4, ge=1, le=16)
     vae_channels: list[int] = [32, 64, 64]
     unet_channels: list[int] = [64, 128]
@@ -487,6 +488,15 @@ class Config(Section):
         if self.foundation.path is None and self.foundation.arch.image_size != self.data.image_size:
             raise ValueError(f"foundation.arch.image_size ({self.foundation.arch.image_size}) must equal "
                              f"data.image_size ({self.data.image_size})")
+        arch = self.foundation.arch
+        if self.foundation.path is None and arch.image_channels != self.data.channels:
+            # The embedded foundation model reads the prepared images: its channels follow data.channels
+            # unless set explicitly (and then they must agree).
+            if "image_channels" in arch.model_fields_set:
+                raise ValueError(f"foundation.arch.image_channels ({arch.image_channels}) must equal "
+                                 f"data.channels ({self.data.channels}) (or leave it out: it follows data.channels)")
+            arch = arch.model_copy(update={"image_channels": self.data.channels})
+            object.__setattr__(self, "foundation", self.foundation.model_copy(update={"arch": arch}))
         rep = self.replication
         if rep.enabled and rep.metric == "tiled_l2" and self.data.image_size % rep.tile:
             raise ValueError(f"replication.tile ({rep.tile}) must divide data.image_size ({self.data.image_size})")
@@ -501,6 +511,7 @@ class Config(Section):
 
 # Which sections each stage's output depends on; upstream stages are included transitively.
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "prepare": ("data",),  # but data.caption (see stage_hash)
     "foundation": ("data", "foundation"),
     "teacher": ("data", "teacher"),
     "caption": ("data",),
@@ -565,6 +576,8 @@ def stage_hash(cfg: Config, stage: str, extra: Any = None) -> str:
         drop.append("data.splits.holdout")
     # Likewise the data fields added with the own-data sources: at their defaults they change nothing.
     drop += [f"data.{k}" for k in DATA_FIELDS_SINCE_SOURCES if getattr(cfg.data, k) == DataConfig.model_fields[k].default]
+    if stage == "prepare":
+        drop.append("data.caption")  # captions are made from the prepared images, not part of them
     if stage == "student" and not (cfg.replication.enabled and cfg.replication.action == "drop"):
         drop.append("replication")  # flagging does not change what the Student trains on
     for dotted in drop:

@@ -1,4 +1,4 @@
-"""The whole pipeline from one config: foundation → Teacher → [caption → adapt] → synthesis → label → Students.
+"""The whole pipeline from one config: prepare → foundation → Teacher → [caption → adapt] → synthesis → label → Students.
 
 The stages in brackets are those the generation method needs (``methods.method_stages``: its
 module declares captions, LoRAs, …), run in the registry's order; ``GENERATION_STAGES`` says
@@ -21,8 +21,14 @@ from synthset.stages.common import output_root
 
 
 def validate_inputs(cfg: Config) -> list[str]:
-    """Fail fast (seconds) on a missing dataset or model; return the class names."""
-    from synthset.data.splits import load_source, split_indices
+    """Fail fast on a missing dataset or model, then run the prepare stage; return the class names.
+
+    The model path is checked first (seconds); then the prepare stage reads the source once
+    (``stages/prepare.py``: a bad folder, image or split size fails there, before any stage
+    directory is written) unless this data was prepared already, and what the method needs of the
+    private split is checked on the prepared splits.
+    """
+    from synthset.stages.prepare import load_splits, run_prepare
 
     path = cfg.foundation.path
     # A local directory must hold a diffusers pipeline; anything else is taken as a hub id.
@@ -30,12 +36,13 @@ def validate_inputs(cfg: Config) -> list[str]:
         index = Path(path).expanduser() / "model_index.json"
         if not index.is_file():
             raise FileNotFoundError(f"foundation.path: {index} not found (expected a diffusers pipeline directory)")
-    train, _ = load_source(cfg.data)
-    _, private = split_indices(len(train), cfg.data.splits.public, cfg.data.splits.private, cfg.data.splits.seed)
     if path is None and cfg.data.splits.public == 0:
         raise ValueError("data.splits.public: 0 public images, but foundation.path is not set (nothing to pretrain on)")
-    _check_method(cfg, train.labels[private], train.class_names)
-    return train.class_names
+    generation_stages(cfg)  # the method's stages exist (a config error, before reading any data)
+    run_prepare(cfg)  # reads the source unless this data section was prepared before
+    splits = load_splits(cfg)
+    _check_method(cfg, splits.private.labels, splits.class_names)
+    return splits.class_names
 
 
 def _check_method(cfg: Config, private_labels, class_names: list[str]) -> None:
@@ -137,8 +144,13 @@ def describe(cfg: Config) -> dict:
         dirs["evaluate"] = evaluate_dir(cfg)
     from synthset.stages.common import completion
 
-    done = completion(list(dirs.values()))  # None when the store cannot be reached (offline dry run)
+    from synthset.stages.prepare import prepare_dir
+
+    prepare = prepare_dir(cfg)  # the first stage, listed apart: ``stages`` lists what is trained and generated
+    done = completion([prepare, *dirs.values()])  # None when the store cannot be reached (offline dry run)
+    prepared, done = done[0], done[1:]
     return {"config_hash": config_hash(cfg.to_dict()),
+            "prepare": {"hash": prepare.hash, "dir": prepare.uri, "complete": prepared},
             "stages": {k: {"hash": d.hash, "dir": d.uri, "complete": c} for (k, d), c in zip(dirs.items(), done)}}
 
 

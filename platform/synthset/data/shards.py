@@ -176,10 +176,11 @@ def image_to_tensor(image: np.ndarray, size: int | None = None, channels: int | 
     Generators may produce another resolution or colour mode than the classifiers read (SD 2.1
     writes 512 px RGB); ``size`` and ``channels`` bring every image to the classifier's input.
     """
-    if (size is not None and image.shape[:2] != (size, size)) or (channels == 1 and image.ndim == 3):
+    if ((size is not None and image.shape[:2] != (size, size)) or (channels == 1 and image.ndim == 3)
+            or (channels == 3 and image.ndim == 2)):
         pil = Image.fromarray(image)
-        if channels == 1:
-            pil = pil.convert("L")
+        if channels is not None:
+            pil = pil.convert("L" if channels == 1 else "RGB")
         if size is not None and pil.size != (size, size):
             pil = pil.resize((size, size), Image.BILINEAR)
         image = np.asarray(pil)

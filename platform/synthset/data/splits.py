@@ -3,7 +3,9 @@
 ``public`` pretrains the foundation model; ``private`` is the user's real data (Teacher,
 adaptation, membership inference); ``test`` is the official test set, never trained on.
 The split is a seeded permutation of the training set, recorded as index lists in
-``splits.json`` so every later stage (and every audit) sees exactly the same images.
+``splits.json`` so every later stage (and every audit) sees exactly the same images. The prepare
+stage (``stages/prepare.py``) splits the source once with ``split_source`` and writes the splits
+as shards (``data/prepare.py``); the other stages read those, not the source.
 
 Public and private images are drawn from one distribution, so a foundation model pretrained on
 the public split would already fit the private data and no adaptation could help. The embedded
@@ -182,7 +184,14 @@ def public_class_ids(cfg: DataConfig, class_names: list[str]) -> list[int]:
 
 
 def make_splits(cfg: DataConfig) -> Splits:
+    """Read ``data.source`` and split it. Stages do not call this: they read the prepared splits
+    (``stages.prepare.load_splits``), which the prepare stage wrote with ``split_source`` once."""
     train, test = load_source(cfg)
+    return split_source(cfg, train, test)
+
+
+def split_source(cfg: DataConfig, train: ImageSet, test: ImageSet) -> Splits:
+    """The seeded public / private / holdout / test splits of a source's (train, test) images."""
     pub, priv = split_indices(len(train), cfg.splits.public, cfg.splits.private, cfg.splits.seed)
     priv, held = holdout_indices(priv, cfg.splits.holdout, cfg.splits.seed)
     empty = [train.class_names[c] for c in range(len(train.class_names)) if not (train.labels[priv] == c).any()]
@@ -200,9 +209,20 @@ def write_splits(splits: Splits, path: str | Path) -> None:
     Path(path).write_text(json.dumps(splits.record()))
 
 
-def to_unit_tensor(images: np.ndarray):
-    """uint8 (N, H, W[, C]) → float32 torch tensor (N, C, H, W) in [-1, 1], as the models expect."""
+def to_unit_tensor(images: np.ndarray, channels: int | None = None):
+    """uint8 (N, H, W[, C]) → float32 torch tensor (N, C, H, W) in [-1, 1], as the models expect.
+
+    ``channels``: what the model reads, when it may differ from the images (a 3-channel VAE of
+    Stable Diffusion adapting to grayscale data): grayscale is repeated to RGB, RGB becomes
+    ITU-R 601-2 luma (PIL's "L" weights); None keeps the images' own channels.
+    """
     import torch
 
+    if channels is not None and images.ndim == 4 and images.shape[-1] == 3 and channels == 1:
+        luma = images.astype(np.float64) @ np.array([299 / 1000, 587 / 1000, 114 / 1000])
+        images = np.clip(np.rint(luma), 0, 255).astype(np.uint8)
     x = torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0)
-    return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    if channels is not None and x.shape[1] == 1 and channels == 3:
+        x = x.expand(-1, 3, -1, -1).contiguous()
+    return x

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from synthset.config import Config
-from synthset.data.splits import fit_images, make_splits, to_unit_tensor
+from synthset.data.splits import fit_images, to_unit_tensor
 from synthset.eval.classification import classification_report
 from synthset.models.classifiers import load_classifier
 from synthset.models.training import predict_proba
@@ -12,7 +12,9 @@ from synthset import storage
 
 
 def evaluate_classifiers(cfg: Config) -> dict:
-    splits = make_splits(cfg.data)
+    from synthset.stages.prepare import load_splits
+
+    splits = load_splits(cfg)
     x = to_unit_tensor(fit_images(splits.test.images, cfg.data.image_size))
     stages = {"teacher": teacher_dir(cfg), **{f"student-{l}": student_dir(cfg, l) for l in cfg.student.labels}}
     results = {}

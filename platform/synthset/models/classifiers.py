@@ -89,6 +89,14 @@ def save_classifier(model: nn.Module, directory: str | Path, cfg: ClassifierConf
     (directory / "classifier.json").write_text(json.dumps(meta, indent=1))
 
 
+def classifier_channels(directory: str | Path) -> int:
+    """How many channels the classifier saved in ``directory`` reads (its ``classifier.json``)."""
+    meta_path = Path(directory) / "classifier.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: no classifier here")
+    return int(json.loads(meta_path.read_text())["in_channels"])
+
+
 def load_classifier(directory: str | Path, device: str = "cpu") -> nn.Module:
     from safetensors.torch import load_file
 

@@ -100,7 +100,7 @@ def train_bank(model_path: str, images: np.ndarray, prompts: list[str], owner: n
     pipe = load_foundation(model_path, device=device)
     t0 = time.time()
     with torch.no_grad():
-        latents = encode_latents(pipe.vae, to_unit_tensor(images).to(device)) * pipe.vae.config.scaling_factor
+        latents = encode_latents(pipe.vae, to_unit_tensor(images, pipe.vae.config.in_channels).to(device)) * pipe.vae.config.scaling_factor
         # Each distinct prompt encoded once (TCKR over a whole private set repeats its captions).
         distinct, inverse = np.unique(np.asarray(prompts, dtype=object).astype(str), return_inverse=True)
         cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, distinct.tolist())[torch.as_tensor(inverse)]
@@ -149,10 +149,11 @@ def _ray_storage(stage: StageDir) -> str:
 
 def _training_set(cfg: Config, captions_path: str | None):
     """(images, labels, private positions, prompts, captions) of the selected shots."""
-    from synthset.data.splits import fit_images, make_splits
+    from synthset.data.splits import fit_images
+    from synthset.stages.prepare import load_splits
     from synthset.stages.caption import read_captions
 
-    splits = make_splits(cfg.data)
+    splits = load_splits(cfg)
     private, names = splits.private, splits.class_names
     shots = select_shots(private.labels, len(names), cfg.adapt.shots_per_class, cfg.adapt.seed)
     labels = private.labels[shots].astype(np.int64)

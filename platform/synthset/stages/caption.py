@@ -70,19 +70,19 @@ def read_captions(path: str) -> list[str]:
 
 def captions_by_class(cfg: Config, path: str) -> dict[int, list[tuple[int, str]]]:
     """Class id → [(private position, caption)] of every image of the private captions ``path``."""
-    from synthset.data.splits import make_splits
+    from synthset.stages.prepare import load_splits
 
-    labels = make_splits(cfg.data).private.labels
+    labels = load_splits(cfg).private.labels
     by_class: dict[int, list[tuple[int, str]]] = {}
     for pos, text in enumerate(read_captions(path)):
         by_class.setdefault(int(labels[pos]), []).append((pos, text))
     return by_class
 
 
-def _split_images(cfg_data, split: str):
-    from synthset.data.splits import make_splits
+def _split_images(cfg: Config, split: str):
+    from synthset.stages.prepare import load_splits
 
-    splits = make_splits(cfg_data)
+    splits = load_splits(cfg)
     if split == "private":
         return splits.private, splits.private_index
     return splits.public, splits.public_index
@@ -91,13 +91,12 @@ def _split_images(cfg_data, split: str):
 class PartCaptioner:
     """Ray Data actor: loads the captioner and the split once, turns part rows into written parts."""
 
-    def __init__(self, data: dict, split: str, parts_dir: str):
-        from synthset.config import DataConfig
+    def __init__(self, cfg: dict, split: str, parts_dir: str):
         from synthset.models.captioners import load_captioner
         from synthset.stages.synthesize import _torch_setup
 
-        cfg = DataConfig.model_validate(data)
-        self.cap = cfg.caption
+        cfg = Config.model_validate(cfg)
+        self.cap = cfg.data.caption
         device, dtype = _torch_setup(self.cap.actors.num_cpus, self.cap.actors.num_gpus, self.cap.dtype)
         # Half precision only on GPU (bf16 is BLIP-2's production setting); float32 on CPU.
         self.captioner = load_captioner(self.cap.captioner, device, dtype if device == "cuda" else None,
@@ -144,7 +143,7 @@ def run_caption(cfg: Config, split: str = "private", resume: bool = True, tracke
         return stage.reuse(stage.path("captions.jsonl"))
     cap = cfg.data.caption
     check_captioner(cap.captioner)
-    images, index = _split_images(cfg.data, split)
+    images, index = _split_images(cfg, split)
     parts_dir = stage.path("parts")
     stage.begin(cfg)
     if not resume:
@@ -156,7 +155,7 @@ def run_caption(cfg: Config, split: str = "private", resume: bool = True, tracke
           f"{len(done)} already complete; actors {cap.actors.min}..{cap.actors.max} × {cap.actors.num_gpus} GPU")
     t0 = time.time()
     stats = _run_shard_pool(tasks, PartCaptioner,
-                            {"data": cfg.data.model_dump(mode="json"), "split": split, "parts_dir": parts_dir},
+                            {"cfg": cfg.to_dict(), "split": split, "parts_dir": parts_dir},
                             cap.actors, "caption", len(images), sum(b - a for p, a, b in ranges if p in done), tracker)
     seconds = time.time() - t0
     lines = b"".join(storage.read_bytes(storage.join(parts_dir, _part_name(p))) for p, _, _ in ranges)

@@ -34,7 +34,7 @@ def _train_loop(config: dict) -> None:
     import ray.train
     from synthset import storage
     from synthset.data.shards import ShardDataset, read_manifest
-    from synthset.data.splits import fit_images, make_splits, to_unit_tensor, write_splits
+    from synthset.data.splits import fit_images, to_unit_tensor, write_splits
     from synthset.eval.classification import classification_report
     from synthset.eval.plots import save_confusion_matrix
     from synthset.models.classifiers import build_classifier, save_classifier
@@ -46,9 +46,11 @@ def _train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(ccfg.cpus_per_worker)
-    splits = make_splits(cfg.data)
-    names, size = splits.class_names, cfg.data.image_size
-    model = build_classifier(ccfg, len(names), in_channels=1)
+    from synthset.stages.prepare import load_splits
+
+    splits = load_splits(cfg)
+    names, size, channels = splits.class_names, cfg.data.image_size, splits.private.channels
+    model = build_classifier(ccfg, len(names), in_channels=channels)
     if world > 1:
         model = ray.train.torch.prepare_model(model)
     else:
@@ -63,7 +65,7 @@ def _train_loop(config: dict) -> None:
         manifest = read_manifest(config["dataset"])
         n_train = manifest["num_samples"]
         data = ShardDataset(config["dataset"], shuffle=True, seed=ccfg.seed, rank=rank, world_size=world,
-                            image_size=size, channels=1)
+                            image_size=size, channels=channels)
         steps = (n_train // world + ccfg.batch_size - 1) // ccfg.batch_size
         if n_train <= ccfg.in_memory_limit:  # decode this rank's shards once, not every epoch
             data.shuffle = False  # array_batches shuffles per epoch instead
@@ -89,7 +91,7 @@ def _train_loop(config: dict) -> None:
         return
     model = getattr(model, "module", model)
     stage_uri, out = out, (out if storage.is_local(out) else tempfile.mkdtemp(prefix=f"{role}-"))
-    save_classifier(model, out, ccfg, len(names), 1, {"role": role, "labels": labels})
+    save_classifier(model, out, ccfg, len(names), channels, {"role": role, "labels": labels})
     if config["dataset"] is None:  # record exactly which real images the Teacher saw
         write_splits(splits, os.path.join(out, "splits.json"))
     x_test = to_unit_tensor(fit_images(splits.test.images, size))

@@ -85,14 +85,15 @@ def _shard_samples(dataset: str):
         yield entry, list(iter_shard(storage.join(dataset, entry["shard"])))
 
 
-def _unit_batch(samples: list[dict], size: int):
+def _unit_batch(samples: list[dict], size: int, channels: int):
+    """Shard samples → float (N, channels, size, size) in [-1, 1] (generators may write another size or mode)."""
     import torch
 
     from synthset.data.shards import image_to_tensor
 
     if not samples:
-        return torch.zeros(0, 1, size, size)
-    return torch.stack([image_to_tensor(s["image"], size, 1) for s in samples])
+        return torch.zeros(0, channels, size, size)
+    return torch.stack([image_to_tensor(s["image"], size, channels) for s in samples])
 
 
 def run_replication(cfg: Config, labelled_dataset: str, resume: bool = True, tracker=None) -> dict:
@@ -103,7 +104,7 @@ def run_replication(cfg: Config, labelled_dataset: str, resume: bool = True, tra
     ``metric``, ``audit``.
     """
     from synthset.data.shards import completed_shards, read_manifest, write_manifest, write_shard
-    from synthset.data.splits import fit_images, make_splits
+    from synthset.data.splits import fit_images
     from synthset.eval.replication import ReplicationGate, ReplicationResult, write_audit
 
     rep = cfg.replication
@@ -112,8 +113,10 @@ def run_replication(cfg: Config, labelled_dataset: str, resume: bool = True, tra
         return stage.reuse(stage.uri)
     t0 = time.time()
     stage.begin(cfg)
-    splits = make_splits(cfg.data)
-    size = cfg.data.image_size
+    from synthset.stages.prepare import load_splits
+
+    splits = load_splits(cfg)
+    size, channels = cfg.data.image_size, splits.private.channels
     real = fit_images(splits.private.images, size)
     feature_fn = None
     if rep.metric == "cosine":
@@ -129,7 +132,7 @@ def run_replication(cfg: Config, labelled_dataset: str, resume: bool = True, tra
                            seed=cfg.data.splits.seed, device=rep.device)
     parts, shards = [], []
     for entry, samples in _shard_samples(labelled_dataset):
-        result = gate.check([s["key"] for s in samples], _unit_batch(samples, size).numpy())
+        result = gate.check([s["key"] for s in samples], _unit_batch(samples, size, channels).numpy())
         parts.append(result)
         shards.append((entry, samples, result.is_copy))
     keys = [k for p in parts for k in p.keys]
@@ -180,7 +183,7 @@ def student_training_set(cfg: Config, labelled_dataset: str, resume: bool = True
     return run_replication(cfg, labelled_dataset, resume, tracker)["dataset"]
 
 
-def _sample_dataset(dataset: str, n: int, seed: int, size: int):
+def _sample_dataset(dataset: str, n: int, seed: int, size: int, channels: int):
     """A seeded sample of ``n`` images of ``dataset``: (images in [-1, 1], classes, Teacher soft labels or None)."""
     import torch
 
@@ -194,7 +197,7 @@ def _sample_dataset(dataset: str, n: int, seed: int, size: int):
             if i in chosen:
                 picked.append(s)
             i += 1
-    x = _unit_batch(picked, size)
+    x = _unit_batch(picked, size, channels)
     y = np.array([s["cls"] for s in picked])
     soft = np.stack([s["soft"] for s in picked]) if picked and all("soft" in s for s in picked) else None
     return x, y, soft
@@ -204,16 +207,19 @@ def generative_metrics(cfg: Config, dataset: str, teacher) -> dict:
     """FID, KID, PRDC, recognizability and diversity of ``dataset`` vs the private training split."""
     import torch
 
-    from synthset.data.splits import fit_images, make_splits, to_unit_tensor
+    from synthset.data.splits import fit_images, to_unit_tensor
     from synthset.eval.generative import extract_features, generative_report
     from synthset.models.training import predict_proba
 
+    from synthset.stages.prepare import load_splits
+
     ev = cfg.evaluate
-    splits = make_splits(cfg.data)
+    splits = load_splits(cfg)
     rng = np.random.default_rng([ev.seed, 2])
     real_rows = np.sort(rng.choice(len(splits.private), min(ev.sample_size, len(splits.private)), replace=False))
     x_real = to_unit_tensor(fit_images(splits.private.images[real_rows], cfg.data.image_size))
-    x_fake, y_fake, soft = _sample_dataset(dataset, ev.sample_size, ev.seed, cfg.data.image_size)
+    x_fake, y_fake, soft = _sample_dataset(dataset, ev.sample_size, ev.seed, cfg.data.image_size,
+                                             splits.private.channels)
     fn = feature_extractor(ev.features, teacher)
     real_f = extract_features(fn, x_real)
     fake_f = extract_features(fn, x_fake)
@@ -262,9 +268,9 @@ def run_evaluate(cfg: Config, resume: bool = True, tracker=None) -> dict:
                "teacher_agreement_on_synthetic": label["teacher_agreement"],
                "per_class": {"teacher_agreement": label.get("teacher_agreement_per_class", {})}}
     from synthset.data.shards import read_manifest
-    from synthset.data.splits import make_splits
+    from synthset.stages.prepare import load_splits
 
-    splits = make_splits(cfg.data)
+    splits = load_splits(cfg)
     metrics["private_images"] = len(splits.private)
     metrics["holdout_images"] = 0 if splits.holdout is None else len(splits.holdout)
     metrics["cardinality"] = label["num_samples"] / len(splits.private)

@@ -49,7 +49,7 @@ def _pretrain_loop(config: dict) -> None:
 
     import ray.train
     from synthset.config import Config
-    from synthset.data.splits import fit_images, make_splits, to_unit_tensor, write_splits
+    from synthset.data.splits import fit_images, to_unit_tensor, write_splits
     from synthset.diffusion.text_to_image import encode_latents, train_unet, train_vae
     from synthset.eval.plots import save_class_grid, save_curves
     from synthset.diffusion.text_to_image import caption_prompts
@@ -64,7 +64,9 @@ def _pretrain_loop(config: dict) -> None:
     pre, arch = cfg.foundation.pretrain, cfg.foundation.arch
     torch.set_num_threads(pre.num_cpus)
     device = "cuda" if pre.use_gpu and torch.cuda.is_available() else "cpu"
-    splits = make_splits(cfg.data)
+    from synthset.stages.prepare import load_splits
+
+    splits = load_splits(cfg)
     write_splits(splits, os.path.join(out, "splits.json"))  # which public images it saw
     public = splits.public
     if len(public) == 0:

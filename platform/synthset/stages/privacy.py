@@ -108,13 +108,13 @@ def train_shadow_classifier(cfg: Config, privacy: PrivacyConfig, train_index: np
                                     f"shadow-{shadow_id:03d}", _device(privacy))
 
 
-def dataset_tensors(dataset: str, image_size: int):
-    """A labelled synthetic dataset in memory: (images (M, 1, S, S) in [-1, 1], classes (M,))."""
+def dataset_tensors(dataset: str, image_size: int, channels: int = 1):
+    """A labelled synthetic dataset in memory: (images (M, channels, S, S) in [-1, 1], classes (M,))."""
     import torch
 
     from synthset.data.shards import ShardDataset
 
-    items = list(ShardDataset(dataset, image_size=image_size, channels=1))
+    items = list(ShardDataset(dataset, image_size=image_size, channels=channels))
     if not items:
         raise ValueError(f"{dataset}: no samples")
     return torch.stack([i[0] for i in items]), torch.tensor([i[1] for i in items])
@@ -130,7 +130,7 @@ def train_shadow_pipeline(cfg: Config, privacy: PrivacyConfig, train_index: np.n
     is a ``ShadowTrainer``.
     """
     x_all, y_all, num_classes = _pool_tensors(cfg)
-    xs, ys = dataset_tensors(dataset, cfg.data.image_size)
+    xs, ys = dataset_tensors(dataset, cfg.data.image_size, x_all.shape[1])
     return pipeline_shadow_logits(cfg.teacher, cfg.student, cfg.student.temperature, num_classes,
                                   x_all[train_index], y_all[train_index], xs, ys, x_all[query_index], labels, seed,
                                   privacy.query_shift, privacy.query_flip, cfg.label.batch_size,

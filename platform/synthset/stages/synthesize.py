@@ -209,10 +209,11 @@ class ShardLabeller:
 
     def __init__(self, teacher_path: str, source: str, dataset: str, batch_size: int, num_cpus: float, num_gpus: float,
                  image_size: int):
-        from synthset.models.classifiers import load_classifier
+        from synthset.models.classifiers import classifier_channels, load_classifier
 
         device, _ = _torch_setup(num_cpus, num_gpus)
         self.model = load_classifier(storage.materialize(teacher_path), device)
+        self.channels = classifier_channels(storage.materialize(teacher_path))  # what the Teacher reads
         self.source, self.dataset, self.batch_size, self.image_size = source, dataset, batch_size, image_size
         self.image_format = "png"
 
@@ -226,7 +227,7 @@ class ShardLabeller:
         for shard in batch["shard"]:
             t0 = time.time()
             samples = list(iter_shard(storage.join(self.source, shard_name(int(shard)))))
-            x = torch.stack([image_to_tensor(s["image"], self.image_size, 1) for s in samples])
+            x = torch.stack([image_to_tensor(s["image"], self.image_size, self.channels) for s in samples])
             probs = predict_proba(self.model, x, self.batch_size)
             agree: dict[str, int] = {}
             for s, p in zip(samples, probs):
