@@ -61,8 +61,10 @@ def variants(shots: int) -> dict[str, list[str]]:
     }
 
 
-def seed_overrides(seed: int) -> list[str]:
-    return [f"run.seed={seed}", f"adapt.seed={seed}", f"student.seed={seed}"]
+def seed_overrides(seed: int, adapt_seed: int | None = None) -> list[str]:
+    """A run's seeds; ``adapt_seed`` fixed: every seed reuses one adaptation (its LoRAs), so the spread
+    is that of generation and Student alone, not of which shots and LoRA init were drawn."""
+    return [f"run.seed={seed}", f"adapt.seed={seed if adapt_seed is None else adapt_seed}", f"student.seed={seed}"]
 
 
 def pipeline_run(config: str, name: str, overrides: list[str]) -> dict | None:
@@ -184,6 +186,8 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=None, help="adapt.shots_per_class (default: the config's)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--only", default=None, help="comma-separated variant names")
+    parser.add_argument("--adapt-seed", type=int, default=None,
+                        help="one adapt.seed for every seed (default: adapt.seed follows the seed)")
     parser.add_argument("--json", default=None, help="write the aggregated table here")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="applied to every run (e.g. adapt.steps=200)")
@@ -201,7 +205,7 @@ def main() -> None:
     runs = []
     for name in chosen:
         for seed in seeds:
-            overrides = common + table[name] + seed_overrides(seed)
+            overrides = common + table[name] + seed_overrides(seed, args.adapt_seed)
             if name in ("real", "real-vae"):
                 run = real_run(load_config(args.config, overrides), args.images_per_class, seed, name == "real-vae")
             else:
