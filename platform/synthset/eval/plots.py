@@ -88,3 +88,59 @@ def save_curves(curves: dict[str, list[float]], path: str | Path, title: str, lo
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+
+def errorbar_series(rows: list[dict], variant: str = "online") -> dict[str, dict[str, list[float]]]:
+    """Per target, the points of the error-bar trade-off plot, ordered by cardinality.
+
+    ``rows``: ``eval/seed_stats.py: aggregate_seeds`` output (per row ``cardinality``, ``target`` and figures
+    ``accuracy``, ``<variant>_auc``, ``<variant>_tpr_at_0.001_fpr`` as {mean, se, n}). Returns target →
+    {"cardinality", "accuracy", "accuracy_se", "auc", "auc_se", "tpr", "tpr_se", "n"}; an SE of NaN (one seed)
+    becomes 0 (no bar). Raises ``ValueError`` naming the row and figure when one is missing.
+    """
+    keys = {"accuracy": "accuracy", "auc": f"{variant}_auc", "tpr": f"{variant}_tpr_at_0.001_fpr"}
+    for r in rows:
+        for k in keys.values():
+            if k not in r:
+                raise ValueError(f"rows: {r.get('target')} at {r.get('cardinality')}x has no {k!r}")
+    out = {}
+    for target in sorted({r["target"] for r in rows}):
+        sel = sorted([r for r in rows if r["target"] == target], key=lambda r: r["cardinality"])
+        series = {"cardinality": [r["cardinality"] for r in sel], "n": [r["accuracy"]["n"] for r in sel]}
+        for name, k in keys.items():
+            series[name] = [r[k]["mean"] for r in sel]
+            series[f"{name}_se"] = [0.0 if np.isnan(r[k]["se"]) else r[k]["se"] for r in sel]
+        out[target] = series
+    return out
+
+
+def save_tradeoff_errorbars(rows: list[dict], path: str | Path, variant: str = "online",
+                            title: str = "Accuracy versus privacy") -> None:
+    """Accuracy against LiRA AUC and TPR at 0.1% FPR, each point the mean over seeds with ±1 SE bars both ways.
+
+    ``rows`` as in ``errorbar_series`` (one line per target across cardinalities).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for target, s in errorbar_series(rows, variant).items():
+        for ax, key in zip(axes, ("auc", "tpr")):
+            ax.errorbar(s[key], s["accuracy"], xerr=s[f"{key}_se"], yerr=s["accuracy_se"], marker="o", capsize=3,
+                        label=f"{target} (n={min(s['n'])} seeds)")
+            if target != "teacher":
+                for c, x, y in zip(s["cardinality"], s[key], s["accuracy"]):
+                    ax.annotate(f"{c:g}×", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes[0].axvline(0.5, ls="--", color="gray", lw=1)
+    axes[0].set_xlabel(f"LiRA AUC ({variant}), mean ± SE over seeds")
+    axes[1].set_xlabel(f"LiRA TPR at 0.1% FPR ({variant}), mean ± SE")
+    for ax in axes:
+        ax.set_ylabel("test accuracy, mean ± SE")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -68,10 +68,23 @@ def shadow_dir(cfg: Config, privacy: PrivacyConfig, mode: str = "classifier", ex
     A shadow set is the Teacher's recipe (``cfg.teacher``) trained on halves of the private data, so
     its hash is the Teacher stage's (the data and the recipe, less the execution-only fields), with
     the fields of ``privacy`` that change a shadow (``PrivacyConfig.shadow_inputs``), the mode and
-    ``extra`` (a pipeline set's Student and dataset) as the stage's extra.
+    ``extra`` (a pipeline set's Student and dataset) as the stage's extra. The targets' training seeds are
+    left out (``without_training_seeds``): the shadows of every seed are the same models.
     """
-    h = stage_hash(cfg, "teacher", extra={"shadows": mode, "privacy": privacy.shadow_inputs(), "extra": extra})
+    h = stage_hash(without_training_seeds(cfg), "teacher",
+                   extra={"shadows": mode, "privacy": privacy.shadow_inputs(), "extra": extra})
     return StageDir("privacy", h, storage.join(output_root(cfg), "privacy", mode, h))
+
+
+def without_training_seeds(cfg: Config) -> Config:
+    """``cfg`` with ``teacher.seed`` and ``student.seed`` at 0: what names a shadow set.
+
+    A shadow's seed derives from (``privacy.seed``, shadow id) only (``shadow_seed``, ``student_seed``),
+    never from the target's training seed, so one shadow set serves the Teacher and Students of every
+    training seed (issue 14: figures over seeds with the data split fixed). At seed 0 nothing changes.
+    """
+    return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"seed": 0}),
+                                  "student": cfg.student.model_copy(update={"seed": 0})})
 
 
 def privacy_dir(cfg: Config, privacy: PrivacyConfig) -> StageDir:
@@ -332,7 +345,7 @@ def target_shadow_sets(cfg: Config, targets: dict[str, dict]) -> list[Attack]:
                 shadows = classifier_shadow_set(cfg, privacy, t["recipe"])
             else:
                 manifest = read_manifest(t["dataset"])
-                extra = {"student": stage_hash(cfg, "student", labels),
+                extra = {"student": stage_hash(without_training_seeds(cfg), "student", labels),
                          "dataset": [manifest.get("config_hash"), manifest["num_samples"],
                                      [s["sha256"] for s in manifest["shards"]]]}
                 trainer = functools.partial(train_shadow_pipeline, dataset=t["dataset"], labels=labels)
