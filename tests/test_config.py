@@ -8,9 +8,11 @@ from conftest import ROOT
 
 
 def test_defaults_and_yaml_files_validate():
+    from synthset.sweep.spec import is_sweep_file, load_sweep, trial_configs
+
     Config()
     for path in sorted((ROOT / "conf").glob("*.yaml")):
-        load_config(path)
+        trial_configs(load_sweep(path)) if is_sweep_file(path) else load_config(path)  # a sweep: every trial's config
 
 
 def test_unknown_key_is_named_with_its_dotted_path(tmp_path):

@@ -15,7 +15,12 @@ import pytest
 
 from conftest import ROOT
 
-CONFIGS = sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml"))
+from synthset.sweep.spec import is_sweep_file  # noqa: E402
+
+ALL_YAML = sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml"))
+# Sweep files (a top-level ``sweep:`` section) dry-run through jobs/sweep.py; the rest are pipeline configs.
+SWEEPS = [c for c in ALL_YAML if is_sweep_file(ROOT / "conf" / c)]
+CONFIGS = [c for c in ALL_YAML if c not in SWEEPS]
 
 
 def dry_run(monkeypatch, capsys, *args) -> tuple[str, str]:
@@ -91,3 +96,21 @@ def test_an_unreachable_object_store_leaves_completion_unknown(monkeypatch, caps
     assert all(s["complete"] is None and s["dir"].startswith("s3://synthset-runs/") for s in stages.values())
     assert len(calls) == 1, "one failed attempt, not one per stage"
     assert "cannot reach s3://synthset-runs/" in err and "=== plan" in out
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_every_sweep_dry_runs_and_prints_its_plan(sweep, tmp_path, monkeypatch, capsys):
+    """``python jobs/sweep.py --config conf/sweep*.yaml --dry-run``: every trial validated, the plan printed."""
+    root = tmp_path / "out"
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "jobs" / "sweep.py"), "--config", str(ROOT / "conf" / sweep),
+                                      "--set", f"output.root={root}", "--dry-run"])
+    try:
+        runpy.run_path(str(ROOT / "jobs" / "sweep.py"), run_name="__main__")
+    except SystemExit as exit_:
+        pytest.fail(f"sweep dry run exited with {exit_.code}: {capsys.readouterr().err[-2000:]}")
+    out = capsys.readouterr().out
+    plan = json.loads(out[:out.index("\n}\n") + 2])
+    assert plan["trials"] == len(plan["trial_configs"]) >= 2 and plan["dir"].startswith(str(root))
+    assert plan["generation"] and "=== sweep plan (dry run: nothing was run) ===" in out
+    assert not root.exists(), "a dry run wrote to the output root"
