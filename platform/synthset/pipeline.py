@@ -89,6 +89,33 @@ def _run_adapt(cfg: Config, model: str, done: dict, resume: bool, tracker) -> di
 GENERATION_STAGES = {"caption": (_caption_dir, _run_caption), "adapt": (_adapt_dir, _run_adapt)}
 
 
+def _embed_dir(cfg: Config):
+    from synthset.stages.embed import embed_dir
+
+    return embed_dir(cfg)
+
+
+def _run_embed(cfg: Config, model: str, done: dict, resume: bool, tracker) -> dict:
+    from synthset.stages.embed import run_embed
+
+    return run_embed(cfg, resume, tracker)
+
+
+def _method_generator(cfg: Config):
+    from synthset.methods import get_method
+
+    stage = get_method(cfg.synthesis.method).generator
+    if stage is None:
+        raise ValueError(f"synthesis.method={cfg.synthesis.method!r} declares no generator stage (Method.generator)")
+    return stage
+
+
+# RCDM: the embeddings of the private images; a method's own generator, trained by the stage it declares.
+GENERATION_STAGES["embed"] = (_embed_dir, _run_embed)
+GENERATION_STAGES.setdefault("generator", (lambda cfg: _method_generator(cfg)[0](cfg),
+                                           lambda cfg, *args: _method_generator(cfg)[1](cfg, *args)))
+
+
 def generation_stages(cfg: Config) -> tuple[str, ...]:
     """The stages ``synthesis.method`` needs before synthesis, in order; a need no stage meets is an error."""
     from synthset.methods import NEEDS, method_stages
@@ -122,7 +149,11 @@ def run_generation(cfg: Config, class_names: list[str], resume: bool = True, tra
     done = run_method_stages(cfg, model, resume, tracker)
     context = method.plan_context(cfg, class_names, done)
     loras = done["adapt"]["loras"] if "adapt" in done else None
+    if "generator" in done:  # a method with its own generator synthesises with it
+        model = done["generator"]["model"]
     summary = run_synthesis(cfg, model, class_names, resume, tracker, context, loras)
+    if method.after_synthesis is not None:  # e.g. RCDM's filter: the label stage reads what it returns
+        summary = method.after_synthesis(cfg, summary, done, resume, tracker)
     return {**summary, **{stage: done.get(stage) for stage in GENERATION_STAGES}}
 
 

@@ -18,6 +18,9 @@ A method module (``class_prompt.py``, ``caption_prompt.py``, ``tckr.py``, ``data
 - ``load_generator(model_path, loras, synthesis, device, dtype)``: its generator, loaded once per
   synthesis actor; ``generate_batch(generator, requests, synthesis)``: uint8 images of a batch.
 - ``check(cfg, private_labels, class_names)`` (optional): what can be checked before any work.
+- ``generator`` (optional): (StageDir function, runner) of the stage that trains its own generator,
+  run by the pipeline's ``generator`` stage; ``after_synthesis`` (optional): a step on the written
+  shards before labelling (RCDM's filter).
 
 Method modules are found on import (``pkgutil``): adding a method is adding one file here (plus
 its algorithm in ``diffusion/`` or ``lora/``); the config's choices for ``synthesis.method``, the
@@ -114,6 +117,14 @@ class Method:
     reads: tuple[str, ...] = ()
     lora: LoraAdaptation | None = None
     check: Callable[[Config, np.ndarray, list[str]], None] | None = None
+    # A method that trains its own generator (needs "generator") may declare that stage here:
+    # (its StageDir for a config, its runner ``(cfg, foundation model, summaries of the stages before
+    # it, resume, tracker) -> summary`` with ``"model"``, the directory synthesis loads).
+    generator: tuple[Callable, Callable] | None = None
+    # A step between synthesis and labelling (RCDM's centroid-band filter):
+    # ``(cfg, synthesis summary, summaries of the method's stages, resume, tracker) -> summary`` whose
+    # ``dataset`` the label stage reads.
+    after_synthesis: Callable[..., dict] | None = None
 
     def __post_init__(self):
         unknown = [n for n in self.needs if n not in NEEDS]
