@@ -67,11 +67,12 @@ def captions_file(tmp_path):
 
 
 def test_every_method_module_is_registered_under_its_name_with_its_stages():
-    assert sorted(method_names()) == ["caption_prompt", "class_prompt", "datadream", "loft", "tckr"]
+    assert sorted(method_names()) == ["caption_prompt", "casd", "class_prompt", "datadream", "loft", "rcdm", "tckr"]
     assert all(get_method(name).name == name for name in method_names())
     assert [method_stages(m) for m in ("class_prompt", "caption_prompt", "tckr", "datadream", "loft")] == [
         (), ("caption",), ("caption", "adapt"), ("adapt",), ("adapt",)]
     assert get_method("tckr").lora.fold_into_unet and not get_method("loft").lora.fold_into_unet
+    assert method_stages("rcdm") == ("embed", "generator")
 
 
 def test_the_config_imports_the_registry_without_torch():
@@ -152,6 +153,7 @@ def test_a_need_no_stage_produces_fails_before_work(monkeypatch, tmp_path):
 
     monkeypatch.setattr(methods, "REGISTRY", dict(methods.REGISTRY))
     methods.register(dataclasses.replace(TOY, name="toy_embedded", needs=("embeddings",)))
+    monkeypatch.delitem(pipeline.GENERATION_STAGES, "embed")  # a pipeline without the stage that embeds
     cfg = load_config(TINY, ["synthesis.method=toy_embedded", f"output.root={tmp_path}"])
     with pytest.raises(ValueError, match=r"synthesis.method='toy_embedded' needs embeddings"):
         pipeline.describe(cfg)

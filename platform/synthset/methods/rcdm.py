@@ -1,0 +1,133 @@
+"""RCDM (seed 002): generation conditioned on an image encoder's embedding of a real private image.
+
+Needs the embeddings of the private images (``stages/embed.py``) and its own generator, a denoiser
+trained on them (``stages/rcdm.py``, ``diffusion/rcdm.py``). Request ``index`` of class
+``c = index mod C`` uses slot ``index div C``: the real image of that class at position
+``slot mod n_c`` (private-split order), so the real embeddings are used in turn and every pass over
+them draws new seeds (``derive_seed(run seed, index)``); the chosen real image is recorded in the
+sample's JSON (``embedding_index``, its index in the prepared training split). With
+``synthesis.rcdm.model.conditioning: class`` the same code is the class-conditioned baseline.
+Sampling: DDPM (the seed: 100 steps) or DDIM, ``synthesis.num_inference_steps`` steps. The
+centroid-band filter (``synthesis.rcdm.filter``) runs after synthesis (``stages/rcdm.py``).
+
+    python jobs/pipeline.py --config conf/rcdm.yaml [--set synthesis.rcdm.filter.enabled=true]
+"""
+
+from __future__ import annotations
+
+from synthset.methods import Method, base_context
+from synthset.methods.plan import class_for_index, derive_seed, image_key
+
+NAME = "rcdm"
+
+
+def plan_requests(start: int, stop: int, run_seed: int, num_classes: int) -> list[dict]:
+    """Request rows for images ``start … stop-1``: class, seed and which turn of its class's embeddings."""
+    return [{"key": image_key(i), "index": i, "method": NAME, "class_id": class_for_index(i, num_classes),
+             "seed": derive_seed(run_seed, i), "embedding_slot": i // num_classes} for i in range(start, stop)]
+
+
+def plan(start: int, stop: int, run_seed: int, context) -> list[dict]:
+    return plan_requests(start, stop, run_seed, len(context.class_names))
+
+
+def plan_context(cfg, class_names: list[str], artifacts: dict):
+    return base_context(cfg, class_names)
+
+
+def load_generator(model_path: str, loras, synthesis, device: str, dtype):
+    """The trained denoiser and the real embeddings it is conditioned on, grouped by class."""
+    import numpy as np
+    import torch
+    from safetensors.numpy import load_file
+
+    from synthset.diffusion.rcdm import load_denoiser
+
+    model, meta = load_denoiser(model_path, device)
+    if dtype is not None:
+        model = model.to(dtype)
+    arrays = load_file(meta["embeddings"])
+    labels = arrays["labels"]
+    rows = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
+    return {"model": model, "device": device, "dtype": dtype,
+            "embeddings": torch.from_numpy(arrays["embeddings"]), "index": arrays["index"], "rows": rows}
+
+
+def embedding_rows(generator: dict, requests: list[dict]) -> list[int]:
+    """Row of the real embedding each request is conditioned on (class's real images in turn)."""
+    out = []
+    for r in requests:
+        rows = generator["rows"].get(int(r["class_id"]))
+        if rows is None or len(rows) == 0:
+            raise ValueError(f"class {r['class_id']} has no real embedding to condition on")
+        out.append(int(rows[int(r["embedding_slot"]) % len(rows)]))
+    return out
+
+
+def generate_batch(generator: dict, requests: list[dict], synthesis):
+    """uint8 images of a batch of requests; records each request's real image (``embedding_index``)."""
+    import torch
+
+    from synthset.diffusion.rcdm import sample, to_uint8
+
+    model = generator["model"]
+    rows = embedding_rows(generator, requests)
+    conditioning = model.conditioning
+    emb = generator["embeddings"][rows] if conditioning != "class" else None
+    if emb is not None and generator["dtype"] is not None:
+        emb = emb.to(generator["dtype"])
+    labels = torch.tensor([int(r["class_id"]) for r in requests])
+    x = sample(model, [r["seed"] for r in requests], emb, labels, synthesis.rcdm.sampler,
+               synthesis.num_inference_steps, generator["device"])
+    for r, row in zip(requests, rows):  # the sample's JSON records what conditioned it
+        r["conditioning"] = conditioning
+        r["sampler"] = synthesis.rcdm.sampler
+        if conditioning != "class":
+            r["embedding_index"] = int(generator["index"][row])
+    return to_uint8(x)
+
+
+def check(cfg, private_labels, class_names: list[str]) -> None:
+    """Before any work: the encoder exists, every class has real images, the filter keeps some of each."""
+    import numpy as np
+
+    from synthset.stages.embed import check_encoder
+
+    rc = cfg.synthesis.rcdm
+    check_encoder(rc.embed.encoder)
+    missing = [class_names[c] for c in range(len(class_names)) if not np.any(private_labels == c)]
+    if missing:
+        raise ValueError(f"synthesis.method=rcdm: classes {missing} have no private image to embed")
+    if rc.filter.enabled:
+        n = cfg.synthesis.images_per_class
+        if int(np.floor(rc.filter.high * n + 1e-9)) - int(np.floor(rc.filter.low * n + 1e-9)) < 1:
+            raise ValueError(f"synthesis.rcdm.filter: the band [{rc.filter.low}, {rc.filter.high}) keeps no image "
+                             f"of {n} per class (synthesis.images_per_class)")
+
+
+def _generator_dir(cfg):
+    from synthset.stages.rcdm import generator_dir
+
+    return generator_dir(cfg)
+
+
+def _train_generator(cfg, model: str, done: dict, resume: bool, tracker) -> dict:
+    from synthset.stages.rcdm import run_rcdm_generator
+
+    return run_rcdm_generator(cfg, done["embed"], resume, tracker)
+
+
+def after_synthesis(cfg, synthesis: dict, done: dict, resume: bool, tracker) -> dict:
+    """With ``synthesis.rcdm.filter.enabled``: the centroid-band filter's dataset replaces the synthesis one."""
+    if not cfg.synthesis.rcdm.filter.enabled:
+        return synthesis
+    from synthset.stages.rcdm import run_rcdm_filter
+
+    filtered = run_rcdm_filter(cfg, synthesis, done["embed"], resume, tracker)
+    return {**synthesis, "dataset": filtered["dataset"], "num_samples": filtered["num_samples"],
+            "unfiltered_dataset": synthesis["dataset"], "filter": filtered["filter"]}
+
+
+METHOD = Method(NAME, plan_requests=plan, plan_context=plan_context, load_generator=load_generator,
+                generate_batch=generate_batch, needs=("embeddings", "generator"), reads=("synthesis.rcdm",),
+                check=check, generator=(_generator_dir, _train_generator), after_synthesis=after_synthesis)

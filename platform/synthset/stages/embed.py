@@ -1,0 +1,168 @@
+"""Embed stage: an image encoder's embedding of every private image (what RCDM conditions on).
+
+The encoder is ``synthesis.rcdm.embed.encoder``:
+
+* ``public_cnn`` (the embedded default): the platform's small CNN (``models/classifiers.py``) trained
+  here on the *public* split, its penultimate layer the embedding. Chosen over the Teacher's
+  penultimate features because (1) like DINOv2 or CLIP in production it never saw a private image,
+  so the conditioning space is a fixed, pre-existing representation and not one fit to the very
+  images the generator and LiRA ask about; (2) the embed stage's hash then depends only on
+  ``data`` and its own settings, not on the Teacher (whose section is not among the synthesis
+  stage's hash inputs). It costs one small training run (seconds on Fashion-MNIST).
+* a transformers image model by hub id or local directory (DINOv2, CLIP vision): its pooled / CLS
+  output (``stages.evaluate.feature_extractor``, the same extractor as the generative metrics).
+
+Embeds the private split, or a class-balanced subset of it (``synthesis.rcdm.embed.real_images``:
+RCDM's "private set", what its generator trains on and is conditioned on). Writes
+``<output.root>/embed/<hash>/embeddings.safetensors`` (``embeddings`` (N, D) float32, ``labels`` (N,)
+int64, ``position`` (N,) positions in the private split, ``index`` (N,) the source's indices) and, for ``public_cnn``, the
+encoder under ``encoder/`` (safetensors). Nothing is pickled. Skipped when complete for the same hash.
+
+Run it alone: ``python jobs/pipeline.py --config conf/rcdm.yaml`` runs it before the generator.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from synthset import storage
+from synthset.config import ClassifierConfig, Config
+from synthset.stages.common import StageDir
+
+PUBLIC_CNN = "public_cnn"
+EMBEDDINGS = "embeddings.safetensors"
+
+
+def embed_dir(cfg: Config) -> StageDir:
+    return StageDir.for_config(cfg, "embed")
+
+
+def check_encoder(spec: str) -> None:
+    """A local encoder path must hold a transformers model (``config.json``): fail before any work."""
+    if spec == PUBLIC_CNN:
+        return
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith(("/", ".", "~")):
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"synthesis.rcdm.embed.encoder: {path / 'config.json'} not found "
+                                    f"(expected a transformers image model directory, a hub id, or '{PUBLIC_CNN}')")
+
+
+def encoder_function(spec: str, device: str = "cpu") -> Callable:
+    """images (B, C, H, W) in [-1, 1] → embeddings (B, D) for an encoder directory or spec.
+
+    ``spec``: a directory holding a platform classifier (``classifier.json``: its ``embed``), or a
+    transformers model by hub id / directory (DINOv2, CLIP vision: pooled or CLS output).
+    """
+    from synthset.stages.evaluate import feature_extractor
+
+    if (Path(spec) / "classifier.json").is_file():
+        from synthset.models.classifiers import load_classifier
+
+        return load_classifier(spec, device).embed
+    return feature_extractor(spec, device=device)
+
+
+def embed_images(fn: Callable, images, batch_size: int = 256) -> np.ndarray:
+    """``fn`` over float images (N, C, H, W) in batches, without gradients → float32 (N, D)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            out.append(fn(images[i:i + batch_size]).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+
+def balanced_subset(labels: np.ndarray, total: int | None, num_classes: int, seed: int) -> np.ndarray:
+    """Sorted positions of a class-balanced subset of ``total`` images (``total // C`` per class, the first
+    ``total mod C`` classes one more), drawn with ``seed``; all positions when ``total`` is None or too big."""
+    if total is None or total >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in range(num_classes):
+        rows = np.flatnonzero(labels == c)
+        want = total // num_classes + (1 if c < total % num_classes else 0)
+        chosen.append(rng.permutation(rows)[:want])
+    return np.sort(np.concatenate(chosen))
+
+
+def train_public_encoder(cfg: Config, splits, out: str) -> str:
+    """Train the small CNN on the public split's labelled images and save it to ``out``; returns ``out``."""
+    import torch
+
+    from synthset.data.splits import fit_images, to_unit_tensor
+    from synthset.models.classifiers import build_classifier, save_classifier
+    from synthset.models.training import array_batches, fit_classifier
+
+    e = cfg.synthesis.rcdm.embed
+    if len(splits.public) == 0:
+        raise ValueError(f"synthesis.rcdm.embed.encoder={PUBLIC_CNN!r} trains on the public split, but "
+                         "data.splits.public is 0")
+    ccfg = ClassifierConfig(arch="cnn", width=e.public_width, epochs=e.public_epochs, lr=e.public_lr,
+                            seed=e.public_seed, batch_size=128)
+    channels = splits.public.channels
+    x = to_unit_tensor(fit_images(splits.public.images, cfg.data.image_size))
+    y = torch.from_numpy(splits.public.labels.astype(np.int64))
+    torch.manual_seed(ccfg.seed)
+    model = build_classifier(ccfg, len(splits.class_names), in_channels=channels)
+    steps = (len(x) + ccfg.batch_size - 1) // ccfg.batch_size
+    fit_classifier(model, lambda epoch: array_batches(x, y, ccfg.batch_size, ccfg.seed, epoch), ccfg.epochs, steps,
+                   ccfg.lr, ccfg.weight_decay, soft=False, temperature=1.0, augment=True, seed=ccfg.seed,
+                   name="embed-encoder")
+    save_classifier(model, out, ccfg, len(splits.class_names), channels, {"role": "rcdm-encoder",
+                                                                          "trained_on": "public"})
+    return out
+
+
+def run_embed(cfg: Config, resume: bool = True, tracker=None) -> dict:
+    """Embed the private split; return the stage summary (``embeddings``: the safetensors file, ``encoder``)."""
+    import torch
+    from safetensors.numpy import save_file
+
+    from synthset.data.splits import fit_images, to_unit_tensor
+    from synthset.stages.prepare import load_splits
+
+    stage = embed_dir(cfg)
+    if resume and stage.is_complete():
+        return stage.reuse(stage.path(EMBEDDINGS))
+    e = cfg.synthesis.rcdm.embed
+    check_encoder(e.encoder)
+    if not storage.is_local(stage.uri):
+        raise ValueError("the embed stage writes to a local output.root (its encoder and embeddings are read "
+                         "back by path)")
+    stage.begin(cfg)
+    t0 = time.time()
+    torch.set_num_threads(max(1, cfg.synthesis.rcdm.train.num_cpus))
+    splits = load_splits(cfg)
+    encoder = e.encoder
+    if encoder == PUBLIC_CNN:
+        encoder = train_public_encoder(cfg, splits, stage.path("encoder"))
+    fn = encoder_function(encoder)
+    positions = balanced_subset(splits.private.labels, e.real_images, len(splits.class_names), e.seed)
+    x = to_unit_tensor(fit_images(splits.private.images[positions], cfg.data.image_size))
+    emb = embed_images(fn, x, e.batch_size)
+    out = stage.path(EMBEDDINGS)
+    save_file({"embeddings": emb, "labels": splits.private.labels[positions].astype(np.int64),
+               "position": positions.astype(np.int64),
+               "index": np.asarray(splits.private_index, dtype=np.int64)[positions]}, out)
+    seconds = time.time() - t0
+    print(f"[embed] {len(emb)} private images → {emb.shape[1]}-d embeddings by {e.encoder} in {seconds:.0f}s → {out}")
+    summary = stage.complete({"embeddings": out, "encoder": os.path.abspath(encoder) if encoder != e.encoder
+                              else encoder, "dim": int(emb.shape[1]), "count": int(len(emb)), "seconds": seconds})
+    if tracker is not None:
+        tracker.log_stage("embed", cfg, metrics={"embed_dim": emb.shape[1], "embed_count": len(emb)})
+    return summary
+
+
+def read_embeddings(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an embed stage's ``embeddings.safetensors``."""
+    from safetensors.numpy import load_file
+
+    return load_file(path)

@@ -1,0 +1,224 @@
+"""RCDM (seed 002): conditioning, sampling determinism, the centroid-band filter, planning, and a tiny
+end-to-end ``jobs/pipeline.py`` run whose manifest records the filter's counts."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, assert_close_scaled, have_fashion_mnist
+from synthset.diffusion.rcdm import (band_keep, build_denoiser, centroid_distances, class_centroids, load_denoiser,
+                                     sample, save_denoiser, to_uint8, train_denoiser)
+
+ARCH = dict(image_size=8, image_channels=1, channels=[8, 16], layers_per_block=1, norm_groups=4,
+            attention_levels=[], embed_dim=6, num_classes=3, num_train_timesteps=100)
+
+
+def _denoiser(conditioning, seed=0):
+    model = build_denoiser({**ARCH, "conditioning": conditioning}, seed=seed).eval()
+    with torch.no_grad():  # the shared network starts its condition projections at zero: give them weights
+        for name, p in model.named_parameters():
+            if "embedding_proj" in name or "class_embed" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    return model
+
+
+@pytest.mark.parametrize("conditioning", ["time", "cross_attention"])
+def test_the_embedding_changes_the_prediction(conditioning, one_thread):
+    model = _denoiser(conditioning)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([50, 50])
+    e1, e2 = torch.randn(2, 6), torch.randn(2, 6)
+    with torch.no_grad():
+        a, b = model(x, t, e1, None), model(x, t, e2, None)
+        again = model(x, t, e1, torch.tensor([0, 1]))  # labels are not read when conditioned on embeddings
+    assert a.shape == x.shape
+    assert (a - b).abs().max() > 1e-3 * a.abs().max()
+    torch.testing.assert_close(a, again)
+
+
+def test_the_class_baseline_reads_labels_not_embeddings(one_thread):
+    model = _denoiser("class")
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 10])
+    with torch.no_grad():
+        a = model(x, t, torch.randn(2, 6), torch.tensor([0, 1]))
+        same = model(x, t, torch.randn(2, 6), torch.tensor([0, 1]))
+        other = model(x, t, None, torch.tensor([2, 2]))
+    torch.testing.assert_close(a, same)
+    assert (a - other).abs().max() > 1e-3 * a.abs().max()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sampling_is_deterministic_per_seed_whatever_the_batch(sampler, one_thread):
+    model = _denoiser("time")
+    emb = torch.randn(3, 6)
+    batch = sample(model, [11, 22, 33], emb, None, sampler, steps=5)
+    alone = sample(model, [22], emb[1:2], None, sampler, steps=5)
+    reordered = sample(model, [33, 11], emb[[2, 0]], None, sampler, steps=5)
+    assert batch.shape == (3, 1, 8, 8) and batch.abs().max() <= 1
+    assert_close_scaled(alone[0], batch[1])
+    assert_close_scaled(reordered[0], batch[2])
+    assert_close_scaled(reordered[1], batch[0])
+    other_seed = sample(model, [23], emb[1:2], None, sampler, steps=5)
+    assert (other_seed[0] - batch[1]).abs().max() > 1e-2
+    # The same seed with another embedding gives another image: the condition steers the sample.
+    other_embedding = sample(model, [22], emb[0:1] * 3, None, sampler, steps=5)
+    assert (other_embedding[0] - batch[1]).abs().max() > 1e-3
+    u8 = to_uint8(batch)
+    assert u8.shape == (3, 8, 8) and u8.dtype == np.uint8
+
+
+def test_training_lowers_the_loss_and_the_model_round_trips_through_safetensors(tmp_path, one_thread):
+    torch.manual_seed(0)
+    x = torch.rand(32, 1, 8, 8) * 2 - 1
+    labels, emb = torch.randint(0, 3, (32,)), torch.randn(32, 6)
+    model = build_denoiser({**ARCH, "conditioning": "time"})
+    ema, losses = train_denoiser(model, x, labels, emb, steps=30, batch_size=16, lr=2e-3, ema_decay=0.9, seed=0)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    save_denoiser(ema, tmp_path / "m", {"embeddings": "e.safetensors"})
+    loaded, meta = load_denoiser(tmp_path / "m")
+    assert meta["embeddings"] == "e.safetensors" and not list((tmp_path / "m").glob("*.bin"))
+    torch.testing.assert_close(sample(loaded, [5], emb[:1], None, "ddim", 3), sample(ema, [5], emb[:1], None, "ddim", 3))
+
+
+def test_the_band_filter_keeps_exactly_the_middle_of_each_class():
+    # Class 0: 8 images at distances 0..7 (shuffled); class 1: 4 images, two tied at 1.0.
+    d0 = np.array([5.0, 0.0, 7.0, 2.0, 3.0, 6.0, 1.0, 4.0])
+    d1 = np.array([1.0, 9.0, 1.0, 0.5])
+    distances = np.concatenate([d0[:4], d1[:2], d0[4:], d1[2:]])
+    labels = np.array([0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1])
+    keep = band_keep(distances, labels, 0.25, 0.75)
+    # Class 0 drops floor(0.25·8) = 2 nearest (0, 1) and 2 farthest (6, 7): keeps 2, 3, 4, 5.
+    assert sorted(distances[keep & (labels == 0)].tolist()) == [2.0, 3.0, 4.0, 5.0]
+    # Class 1 ranks 0.5 < 1.0 (position 4) < 1.0 (position 10) < 9.0: keeps ranks 1..2, the tied pair.
+    assert np.flatnonzero(keep & (labels == 1)).tolist() == [4, 10]
+    assert keep.sum() == 6
+    # Another band: keep the nearest 3/8 of class 0 (ranks 0, 1, 2) and floor(0.375·4) = 1 of class 1.
+    near = band_keep(distances, labels, 0.0, 0.375)
+    assert sorted(distances[near & (labels == 0)].tolist()) == [0.0, 1.0, 2.0]
+    assert np.flatnonzero(near & (labels == 1)).tolist() == [11]
+    assert band_keep(distances, labels, 0.0, 1.0).all()
+    with pytest.raises(ValueError, match="low"):
+        band_keep(distances, labels, 0.5, 0.5)
+
+
+def test_centroids_and_distances():
+    emb = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 10.0], [0.0, 30.0]])
+    labels = np.array([0, 0, 1, 1])
+    cents = class_centroids(emb, labels, 2)
+    np.testing.assert_allclose(cents, [[1.0, 0.0], [0.0, 20.0]])
+    np.testing.assert_allclose(centroid_distances(emb, labels, cents), [1.0, 1.0, 10.0, 10.0])
+    cos = centroid_distances(np.array([[1.0, 1.0], [0.0, 5.0]]), np.array([0, 1]),
+                             class_centroids(emb, labels, 2, "cosine"), "cosine")
+    np.testing.assert_allclose(cos, [1 - np.sqrt(0.5), 0.0], atol=1e-12)
+
+
+def test_requests_are_planned_from_seed_and_index_and_cycle_the_real_embeddings():
+    from synthset.methods import get_method
+    from synthset.methods.rcdm import embedding_rows, plan_requests
+
+    rows = plan_requests(0, 12, 7, num_classes=3)
+    assert rows == plan_requests(0, 12, 7, 3) and rows[5:] == plan_requests(5, 12, 7, 3)
+    assert [r["class_id"] for r in rows[:4]] == [0, 1, 2, 0] and rows[3]["embedding_slot"] == 1
+    assert len({r["seed"] for r in rows}) == 12 and rows[0]["seed"] != plan_requests(0, 1, 8, 3)[0]["seed"]
+    generator = {"rows": {0: np.array([4, 9]), 1: np.array([1]), 2: np.array([0, 2, 3])}}
+    # Class 0's real images in turn (4, 9, 4, 9), class 2's (0, 2, 3, 0): every turn has new seeds.
+    assert [embedding_rows(generator, [r])[0] for r in rows if r["class_id"] == 0] == [4, 9, 4, 9]
+    assert [embedding_rows(generator, [r])[0] for r in rows if r["class_id"] == 2] == [0, 2, 3, 0]
+    method = get_method("rcdm")
+    assert method.needs == ("embeddings", "generator") and method.after_synthesis is not None
+
+
+def test_config_errors_name_the_field(tmp_path):
+    from synthset.config import load_config
+
+    base = ["synthesis.method=rcdm", f"output.root={tmp_path}"]
+    for override, field in [("synthesis.rcdm.filter.low=0.8", "synthesis.rcdm.filter"),
+                            ("synthesis.rcdm.model.conditioning=tokens", "synthesis.rcdm.model.conditioning"),
+                            ("synthesis.rcdm.sampler=euler", "synthesis.rcdm.sampler"),
+                            ("synthesis.rcdm.model.channels=[12,16]", "synthesis.rcdm.model"),
+                            ("synthesis.rcdm.embed.colour=1", "synthesis.rcdm.embed.colour")]:
+        with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+            load_config(ROOT / "conf" / "tiny.yaml", base + [override])
+
+
+def test_rcdm_settings_stay_out_of_other_methods_hashes(tmp_path):
+    from synthset.config import load_config, stage_hash
+
+    a = load_config(ROOT / "conf" / "tiny.yaml")
+    b = load_config(ROOT / "conf" / "tiny.yaml", ["synthesis.rcdm.train.steps=7"])
+    assert stage_hash(a, "synthesis") == stage_hash(b, "synthesis")
+    r = load_config(ROOT / "conf" / "tiny.yaml", ["synthesis.method=rcdm"])
+    f = load_config(ROOT / "conf" / "tiny.yaml", ["synthesis.method=rcdm", "synthesis.rcdm.filter.enabled=true"])
+    # Filtering happens after synthesis: same shards, another labelled dataset.
+    assert stage_hash(r, "synthesis") == stage_hash(f, "synthesis") and stage_hash(r, "label") != stage_hash(f, "label")
+    c = load_config(ROOT / "conf" / "tiny.yaml", ["synthesis.method=rcdm", "synthesis.rcdm.model.conditioning=class"])
+    assert stage_hash(r, "rcdm_generator") != stage_hash(c, "rcdm_generator")
+    assert stage_hash(r, "embed") == stage_hash(c, "embed")
+
+
+TINY_RCDM = ["synthesis.method=rcdm", "data.splits.public=300", "data.splits.private=200",
+             "synthesis.images_per_class=8", "synthesis.num_inference_steps=3", "synthesis.batch_size=16",
+             "synthesis.shard_size=32", "synthesis.rcdm.sampler=ddim",
+             "synthesis.rcdm.embed.real_images=40", "synthesis.rcdm.embed.public_epochs=1",
+             "synthesis.rcdm.embed.public_width=4", "synthesis.rcdm.model.channels=[8,16]",
+             "synthesis.rcdm.train.steps=10", "synthesis.rcdm.train.batch_size=16", "synthesis.rcdm.train.num_cpus=1",
+             "synthesis.rcdm.filter.enabled=true", "synthesis.rcdm.filter.low=0.25", "synthesis.rcdm.filter.high=0.75",
+             "evaluate.enabled=false", "replication.enabled=false", "student.labels=[hard]"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not have_fashion_mnist(), reason="dataset-fashion-mnist not installed")
+def test_pipeline_with_rcdm_writes_filtered_shards_and_counts(tmp_path):
+    root = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(ROOT / "conf" / "tiny.yaml"),
+           "--set", f"output.root={root}", *[a for o in TINY_RCDM for a in ("--set", o)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    # Synthesis wrote all 80 planned images; the filter kept ranks 2..5 of each class's 8.
+    synthesis = json.loads(next((root / "synthesis").glob("*/data/manifest.json")).read_text())
+    assert synthesis["num_samples"] == 80 and synthesis["method"] == "rcdm"
+    filtered_dir = next((root / "rcdm_filter").glob("*/data"))
+    filtered = json.loads((filtered_dir / "manifest.json").read_text())
+    f = filtered["filter"]
+    assert (f["generated"], f["kept"], f["dropped"]) == (80, 40, 40) and filtered["num_samples"] == 40
+    assert all(c == {"generated": 8, "kept": 4, "dropped": 4} for c in f["per_class"].values())
+    assert filtered["totals_per_class"] == {str(c): 4 for c in range(10)}
+    from synthset.data.shards import iter_shard
+
+    samples = [s for e in filtered["shards"] for s in iter_shard(str(filtered_dir / e["shard"]))]
+    assert len({s["key"] for s in samples}) == 40
+    meta = samples[0]["meta"]
+    assert meta["conditioning"] == "time" and "embedding_index" in meta and "centroid_distance" in meta
+    # The kept images are the middle of their class by distance, ties by index.
+    labelled = json.loads(next((root / "label").glob("*/data/manifest.json")).read_text())
+    assert labelled["num_samples"] == 40 and labelled["source"] == str(filtered_dir)
+    summary = json.loads(next(root.glob("summary-*.json")).read_text())
+    assert summary["method"] == "rcdm" and 0 <= summary["student_hard_accuracy"] <= 1
+    # Rerun of RCDM's stages (in-process: no second Ray start): each is reused, the filtered shards untouched.
+    from synthset.config import load_config
+    from synthset.stages.embed import run_embed
+    from synthset.stages.rcdm import run_rcdm_filter, run_rcdm_generator
+    from synthset.stages.synthesize import synthesis_dir
+
+    cfg = load_config(ROOT / "conf" / "tiny.yaml", [f"output.root={root}", *TINY_RCDM])
+    before = {p: p.stat().st_mtime_ns for p in filtered_dir.glob("*.tar")}
+    embed = run_embed(cfg)
+    assert embed.get("reused") and run_rcdm_generator(cfg, embed).get("reused")
+    again = run_rcdm_filter(cfg, synthesis_dir(cfg).summary(), embed)
+    assert again.get("reused") and again["dataset"] == str(filtered_dir) and again["filter"] == f
+    assert {p: p.stat().st_mtime_ns for p in filtered_dir.glob("*.tar")} == before
+    # Interrupted filter: lose its success marker, one shard and one cached distance file; the rerun
+    # recomputes them and writes byte-identical shards with the same counts.
+    stage_dir = filtered_dir.parent
+    (stage_dir / "_SUCCESS.json").unlink()
+    first = filtered["shards"][0]["shard"]
+    (filtered_dir / first).unlink()
+    (filtered_dir / "_shards" / f"{first}.json").unlink()
+    (stage_dir / "distances" / f"{filtered['shards'][-1]['shard']}.npy").unlink()
+    resumed = run_rcdm_filter(cfg, synthesis_dir(cfg).summary(), embed)
+    assert not resumed.get("reused") and resumed["filter"] == f
+    rewritten = json.loads((filtered_dir / "manifest.json").read_text())
+    assert [e["sha256"] for e in rewritten["shards"]] == [e["sha256"] for e in filtered["shards"]]
