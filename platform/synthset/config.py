@@ -347,6 +347,16 @@ class RCDMEmbedConfig(Section):
     seed: int = Field(0, ge=0, description="Seeds the real_images subset.")
 
 
+def _check_unet_levels(channels: list[int], norm_groups: int, attention_levels: list[int]) -> None:
+    """A pixel UNet's block widths divide into its norm groups and its attention levels exist."""
+    bad = [c for c in channels if c % norm_groups]
+    if bad:
+        raise ValueError(f"channels: {bad} not divisible by norm_groups ({norm_groups})")
+    bad = [i for i in attention_levels if not 0 <= i < len(channels)]
+    if bad:
+        raise ValueError(f"attention_levels: {bad} outside 0..{len(channels) - 1}")
+
+
 class RCDMModelConfig(Section):
     """RCDM's denoiser (``diffusion/rcdm.py``): a pixel-space UNet and how the embedding enters it."""
 
@@ -362,12 +372,7 @@ class RCDMModelConfig(Section):
 
     @model_validator(mode="after")
     def _groups(self):
-        bad = [c for c in self.channels if c % self.norm_groups]
-        if bad:
-            raise ValueError(f"channels: {bad} not divisible by norm_groups ({self.norm_groups})")
-        bad = [i for i in self.attention_levels if not 0 <= i < len(self.channels)]
-        if bad:
-            raise ValueError(f"attention_levels: {bad} outside 0..{len(self.channels) - 1}")
+        _check_unet_levels(self.channels, self.norm_groups, self.attention_levels)
         return self
 
 
@@ -421,12 +426,7 @@ class PixelUNetArch(Section):
 
     @model_validator(mode="after")
     def _shapes(self):
-        bad = [c for c in self.channels if c % self.norm_groups]
-        if bad:
-            raise ValueError(f"channels: {bad} not divisible by norm_groups ({self.norm_groups})")
-        bad = [i for i in self.attention_levels if not 0 <= i < len(self.channels)]
-        if bad:
-            raise ValueError(f"attention_levels: {bad} outside 0..{len(self.channels) - 1}")
+        _check_unet_levels(self.channels, self.norm_groups, self.attention_levels)
         return self
 
 
