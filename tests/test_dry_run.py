@@ -54,7 +54,9 @@ def test_every_config_dry_runs_and_prints_its_plan(config, tmp_path, monkeypatch
     assert described["stages"] and all(s["dir"].startswith(str(root)) for s in described["stages"].values())
     plan = plan_lines(out)
     assert {"method", "classes", "images", "shards", "assumption"} <= set(plan)
-    if config.startswith("prod/"):
+    if config in ("prod/casd.yaml", "prod/rcdm.yaml"):  # their own pixel models: no measured GPU throughput yet
+        assert plan["assumption"].startswith("no projection: the method's own diffusion model"), plan["assumption"]
+    elif config.startswith("prod/"):
         assert "GPU-hours" in plan["synthesis"] and "per 1M images" in plan["synthesis"]
         assert "assumed, not measured" in plan["assumption"]
     elif config == "own_data.yaml":  # a user's folder, not in this checkout: classes unknown, and said why

@@ -55,3 +55,13 @@ def test_generator_kind_reads_only_the_unet_config(tmp_path):
     assert kind("stabilityai/stable-diffusion-2-1-base") == "sd2"
     assert kind("runs/quickstart/foundation/abc/model") == "unknown"
     assert "no projection" in project_run(prod("class_prompt", "foundation.path=runs/x/y/model"))["assumption"]
+
+
+@pytest.mark.parametrize("config", ["casd.yaml", "rcdm.yaml", "prod/casd.yaml"])
+def test_a_method_with_its_own_generator_is_not_projected_as_the_foundation(config):
+    """CASD and RCDM synthesise with the model their generator stage trains, not the foundation model."""
+    cfg = load_config(ROOT / "conf" / config, ["output.root=/tmp/unused"])
+    assert generator_kind(cfg)[0] == "own"
+    p = project_run(cfg)
+    assert "trained by the" in p["generator"] and "synthesis_gpu_hours" not in p and "synthesis_cpu_hours" not in p
+    assert p["assumption"].startswith("no projection: the method's own diffusion model")

@@ -64,7 +64,15 @@ def count_classes(cfg: Config) -> tuple[int | None, str]:
 
 
 def generator_kind(cfg: Config) -> tuple[str, str]:
-    """("sd2" | "embedded" | "unknown", description) of the foundation model, from its config file only."""
+    """("sd2" | "embedded" | "own" | "unknown", description) of the generator, from config files only.
+
+    "own": the method trains its own diffusion model (CASD, RCDM) in its generator stage; the foundation
+    model is not what synthesis runs.
+    """
+    from synthset.methods import get_method
+
+    if "generator" in get_method(cfg.synthesis.method).needs:
+        return "own", f"its own diffusion model, trained by the {cfg.synthesis.method} generator stage"
     path = cfg.foundation.path
     if path is None:
         return "embedded", "the embedded model pretrained by the foundation stage"
@@ -146,6 +154,9 @@ def project_run(cfg: Config) -> dict:
             f"embedded model on CPU: {EMBEDDED_IMAGES_PER_S} images/s measured for conf/quickstart.yaml's architecture "
             f"at {EMBEDDED_STEPS} steps on one {EMBEDDED_CPUS}-core actor (docs/benchmarks.md), scaled by "
             f"{EMBEDDED_STEPS}/{syn.num_inference_steps} steps; other architectures differ; no GPU needed")
+    elif kind == "own":
+        out["assumption"] = ("no projection: the method's own diffusion model has no measured throughput here "
+                             f"({syn.num_inference_steps} sampler steps per image; docs/benchmarks.md has its training speed)")
     else:
         out["assumption"] = f"no projection: the foundation model {generator}"
     return out
