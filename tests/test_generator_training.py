@@ -142,6 +142,7 @@ def test_ray_train_two_workers_killed_mid_run_resume_from_the_last_checkpoint(tm
                   checkpoint_every=2)
     env = {"env_vars": {"PYTHONPATH": str(ROOT / "platform"), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     # The dashboard stays on: Ray Train's placement-group cleaner queries the state API.
+    ray.shutdown()  # a Ray an earlier test of the session left running (stages reuse one) is not this test's
     ray.init(num_cpus=2, log_to_driver=False, runtime_env=env)
     try:
         with pytest.raises(ray.train.WorkerGroupError):
