@@ -134,11 +134,19 @@ def save_tradeoff_errorbars(rows: list[dict], path: str | Path, variant: str = "
             if target != "teacher":
                 for c, x, y in zip(s["cardinality"], s[key], s["accuracy"]):
                     ax.annotate(f"{c:g}×", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    finish_tradeoff(fig, axes, f"LiRA AUC ({variant}), mean ± SE over seeds", f"LiRA TPR at 0.1% FPR ({variant}), mean ± SE",
+                    "test accuracy, mean ± SE", title, path)
+
+
+def finish_tradeoff(fig, axes, auc_label: str, tpr_label: str, ylabel: str, title: str, path: str | Path) -> None:
+    """Labels, the AUC = 0.5 chance line and the legend of an accuracy-vs-LiRA figure (AUC, TPR axes); saved, closed."""
+    import matplotlib.pyplot as plt
+
     axes[0].axvline(0.5, ls="--", color="gray", lw=1)
-    axes[0].set_xlabel(f"LiRA AUC ({variant}), mean ± SE over seeds")
-    axes[1].set_xlabel(f"LiRA TPR at 0.1% FPR ({variant}), mean ± SE")
+    axes[0].set_xlabel(auc_label)
+    axes[1].set_xlabel(tpr_label)
     for ax in axes:
-        ax.set_ylabel("test accuracy, mean ± SE")
+        ax.set_ylabel(ylabel)
     axes[1].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()

@@ -132,16 +132,9 @@ def save_tradeoff_plot(rows: list[dict], path: str, title: str = "Accuracy versu
             for r in sel:
                 ax.annotate(f"{r['cardinality']:.0f}×" if target != "teacher" else "", (r[key], r["accuracy"]),
                             textcoords="offset points", xytext=(4, 4), fontsize=8)
-    axes[0].axvline(0.5, ls="--", color="gray", lw=1)
-    axes[0].set_xlabel("LiRA AUC (online)")
-    axes[1].set_xlabel("LiRA TPR at 0.1% FPR (online)")
-    for ax in axes:
-        ax.set_ylabel("test accuracy")
-    axes[1].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from synthset.eval.plots import finish_tradeoff
+
+    finish_tradeoff(fig, axes, "LiRA AUC (online)", "LiRA TPR at 0.1% FPR (online)", "test accuracy", title, path)
 
 
 def tradeoff_table(rows: list[dict]) -> str:
