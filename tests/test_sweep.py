@@ -172,6 +172,33 @@ def test_the_table_aggregates_over_seeds_with_standard_errors(tmp_path):
     assert Path(plots[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# --- a trial Tune restarts after it finished ---------------------------------------------------------------
+
+def test_a_trial_restarted_after_it_finished_reports_its_saved_result_without_training(tmp_path, monkeypatch):
+    """Tune saves its experiment state every few seconds: a driver killed just after a trial returned
+    restores that trial as unfinished. Its result file makes the restart a report, not a rerun."""
+    import ray.tune
+
+    from synthset.sweep import trial as trial_mod
+
+    reported: list[dict] = []
+    monkeypatch.setattr(ray.tune, "get_context", lambda: type("C", (), {"get_trial_id": lambda self: "t1"})())
+    monkeypatch.setattr(ray.tune, "report", lambda metrics: reported.append(metrics))
+    config = {"cardinality": 1, "seed": 0}
+    result = {"student_soft_accuracy": 0.61, "trial_started_at": 1.0}
+    (tmp_path / "trials").mkdir()
+    (tmp_path / "trials" / "t1.json").write_text(json.dumps({"config": config, "result": result}))
+    context = {"sweep_dir": str(tmp_path), "output_root": str(tmp_path), "base_images_per_class": 1}
+    trial_mod.run_trial(config, sweep={}, context=context)  # an empty sweep dict would fail if it got that far
+    assert reported == [result]
+    assert [json.loads(l)["event"] for l in (tmp_path / "trials.jsonl").read_text().splitlines()] == ["reused"]
+
+    # A result saved under another grid point (a reused trial id) is not taken for this one.
+    with pytest.raises(Exception):
+        trial_mod.run_trial({"cardinality": 2, "seed": 0}, sweep={}, context=context)
+    assert reported == [result]
+
+
 # --- the real driver: shared generation, Tune trials, kill, Tuner.restore -----------------------------------
 
 def _events(sweep_dir: Path) -> list[dict]:
@@ -220,8 +247,8 @@ def test_tiny_sweep_shares_generation_and_resumes_after_the_driver_is_killed(tmp
     starts = [e["trial_id"] for e in events if e["event"] == "start"]
     finishes = {e["trial_id"] for e in events if e["event"] == "finish"}
     assert len(finishes) == 4, events
-    for trial_id in killed_after:  # finished before the kill: not run again
-        assert starts.count(trial_id) == 1, (trial_id, events)
+    for trial_id in killed_after:  # finished before the kill: not run again (at most reported again, if Tune's
+        assert starts.count(trial_id) == 1, (trial_id, events)  # state was saved before it finished)
     summary = json.loads((sweep_dir / "sweep.json").read_text())
     assert summary["trials"] == 4 and summary["done"] == 4 and summary["errors"] == 0
     # This invocation ran the trials the kill left; overhead = its wall ÷ the stage seconds it ran (below 1

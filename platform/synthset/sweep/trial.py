@@ -12,6 +12,11 @@ MLflow: a child run of the sweep's parent run (``parent_run_id``), tagged with t
 (a trial restarted by ``Tuner.restore`` continues its run), the stage runs nested in it. Paths are
 absolute (Tune runs trials in their own working directories). Each start and finish is also
 appended to ``<sweep dir>/trials.jsonl`` (the resume test reads it).
+
+A finished trial writes its last result to ``<sweep dir>/trials/<trial id>.json``. Tune saves its own
+experiment state only every few seconds, so a driver killed just after a trial returned restores that
+trial as unfinished and starts it again; the restarted trial finds its result file, reports it and
+returns without training anything (a ``reused`` event, not a ``start``).
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ def lira_auc(metrics: dict, labels: str) -> float | None:
     return max(values) if values else None
 
 
+def _result_path(sweep_dir: str, trial_id: str) -> str:
+    return storage.join(sweep_dir, "trials", f"{trial_id}.json")
+
+
 def run_trial(config: dict, sweep: dict, context: dict) -> None:
     """One trial. ``config``: Tune's (grid point + ``seed``); ``sweep``: ``SweepFile.to_dict()``;
     ``context``: {"output_root", "sweep_dir", "parent_run_id", "base_images_per_class"} from the driver."""
@@ -71,12 +80,19 @@ def run_trial(config: dict, sweep: dict, context: dict) -> None:
     from synthset.tracking import Tracker
 
     t0 = time.time()
+    trial_id = ray.tune.get_context().get_trial_id()
+    done = _result_path(context["sweep_dir"], trial_id)
+    if storage.exists(done):  # finished before the driver died, after Tune's last save of its state
+        saved = storage.read_json(done)
+        if saved.get("config") == config:
+            _log_event(context["sweep_dir"], {"event": "reused", "trial_id": trial_id, "config": config, "time": t0})
+            ray.tune.report(saved["result"])
+            return
     spec = SweepFile.from_dict(sweep)
     params = {k: v for k, v in config.items() if k != "seed"}
     trial = Trial(params, int(config["seed"]),
                   trial_overrides(spec, context["base_images_per_class"], params, int(config["seed"])))
     cfg = trial_config(spec, trial, context["output_root"])
-    trial_id = ray.tune.get_context().get_trial_id()
     _log_event(context["sweep_dir"], {"event": "start", "trial_id": trial_id, "config": config, "time": t0})
     label = label_dir(cfg)
     if not label.is_complete():
@@ -124,5 +140,6 @@ def run_trial(config: dict, sweep: dict, context: dict) -> None:
 
             mlflow.end_run()
             tracker.parent = None
+    storage.write_json(done, {"config": config, "result": dict(result)})  # after the last report: complete
     _log_event(context["sweep_dir"], {"event": "finish", "trial_id": trial_id, "config": config, "time": time.time(),
                                       "trial_stage_seconds": stage_seconds, "trial_seconds": time.time() - t0})
