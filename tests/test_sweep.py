@@ -3,6 +3,7 @@ statistics, and the real driver on conf/sweep_tiny.yaml — killed mid-way and r
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -236,6 +237,13 @@ def test_tiny_sweep_shares_generation_and_resumes_after_the_driver_is_killed(tmp
     assert killed_after, "no trial finished before the deadline:\n" + first[-4000:]
     assert len(killed_after) < 4, "every trial finished before the kill: nothing left to resume"
 
+    # The second driver reads the sweep from another checkout, as a resubmitted Ray job does (its working
+    # directory is unpacked anew): same sweep, same directory, same MLflow parent run.
+    conf2 = tmp_path / "resubmitted" / "conf"
+    conf2.mkdir(parents=True)
+    for name in ("sweep_tiny.yaml", "tiny.yaml"):
+        shutil.copy(ROOT / "conf" / name, conf2 / name)
+    cmd[cmd.index(str(TINY))] = str(conf2 / "sweep_tiny.yaml")
     with open(tmp_path / "second.log", "w") as log2:
         second = subprocess.run(cmd, stdout=log2, stderr=subprocess.STDOUT, env=env, timeout=900)
     out = (tmp_path / "second.log").read_text()

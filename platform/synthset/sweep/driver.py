@@ -179,9 +179,11 @@ def run_sweep(sweep: SweepFile, resume: bool = True) -> dict:
     parent = _parent_run(tracker, sdir, sweep.spec.name) if tracker.enabled else None
     try:
         tracker.parent = parent
-        if parent is not None:
-            mlflow.log_params({"sweep.name": sweep.spec.name, "sweep.file": sweep.path, "sweep.trials": len(pairs),
-                               "sweep.dir": sdir})
+        if parent is not None:  # a resumed sweep keeps the first invocation's (a Ray job unpacks its files anew)
+            logged = mlflow.get_run(parent.info.run_id).data.params
+            mlflow.log_params({k: v for k, v in {"sweep.name": sweep.spec.name, "sweep.file": sweep.path,
+                                                 "sweep.trials": len(pairs), "sweep.dir": sdir}.items()
+                               if k not in logged})
         t_shared = time.time()
         shared = run_shared_stages(configs, class_names, tracker)
         shared_wall = time.time() - t_shared
