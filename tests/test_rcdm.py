@@ -1,7 +1,9 @@
-"""RCDM (seed 002): conditioning, sampling determinism, the centroid-band filter, planning, and a tiny
-end-to-end ``jobs/pipeline.py`` run whose manifest records the filter's counts."""
+"""RCDM (seed 002): conditioning, the DDPM loss and its training (deterministic, exact resume) without Ray,
+sampling determinism, the centroid-band filter, planning, the generator stage killed on Ray Train and resumed
+from its checkpoint, and a tiny end-to-end ``jobs/pipeline.py`` run whose manifest records the filter's counts."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,8 +12,11 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_close_scaled, have_fashion_mnist
-from synthset.diffusion.rcdm import (band_keep, build_denoiser, centroid_distances, class_centroids, load_denoiser,
-                                     sample, save_denoiser, to_uint8, train_denoiser)
+from synthset.diffusion.generator_training import (TrainingSet, TrainSettings, load_checkpoint, new_state,
+                                                   save_checkpoint, step_draws, train_steps)
+from synthset.diffusion.rcdm import (DDPM, band_keep, build_denoiser, centroid_distances, class_centroids,
+                                     ddpm_loss, ddpm_timesteps, load_denoiser, make_scheduler, sample, save_denoiser,
+                                     to_uint8)
 
 ARCH = dict(image_size=8, image_channels=1, channels=[8, 16], layers_per_block=1, norm_groups=4,
             attention_levels=[], embed_dim=6, num_classes=3, num_train_timesteps=100)
@@ -70,17 +75,161 @@ def test_sampling_is_deterministic_per_seed_whatever_the_batch(sampler, one_thre
     assert u8.shape == (3, 8, 8) and u8.dtype == np.uint8
 
 
-def test_training_lowers_the_loss_and_the_model_round_trips_through_safetensors(tmp_path, one_thread):
-    torch.manual_seed(0)
-    x = torch.rand(32, 1, 8, 8) * 2 - 1
-    labels, emb = torch.randint(0, 3, (32,)), torch.randn(32, 6)
+def _training_set(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TrainingSet(torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.arange(n) % 3, None, 3,
+                       torch.randn(n, 6, generator=g))
+
+
+SETTINGS = TrainSettings(batch_size=8, lr=2e-3, warmup_steps=0, ema_decay=0.9, class_dropout=0.0, seed=1,
+                         decay_steps=30)
+
+
+def test_ddpm_loss_is_the_noise_prediction_error_at_the_given_timesteps_and_noise(one_thread):
+    model = _denoiser("time")
+    data = _training_set(4)
+    t, noise = torch.tensor([0, 10, 50, 99]), torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    alpha_bar = make_scheduler("ddpm", 100).alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    noisy = alpha_bar.sqrt() * data.images + (1 - alpha_bar).sqrt() * noise  # DDPM Eq. 4
+    with torch.no_grad():
+        got = ddpm_loss(model)(data.images, t, noise, class_labels=data.class_labels, embedding=data.embeddings)
+        expected = ((model(noisy, t, data.embeddings, None) - noise) ** 2).flatten(1).mean(1)
+    assert got.shape == (4,)
+    torch.testing.assert_close(got, expected)
+    levels = ddpm_timesteps(model, 1000, torch.Generator().manual_seed(0))
+    assert levels.min() >= 0 and levels.max() == 99  # uniform over the model's 100 training timesteps
+
+
+def _rcdm_steps(stop, resume_at=None, tmp=None, conditioning="time", data=None, seed=SETTINGS.seed):
+    arch = {**ARCH, "conditioning": conditioning}
+    settings = TrainSettings(**{**SETTINGS.__dict__, "seed": seed})
+    state, data = new_state(build_denoiser(arch), settings.lr), data or _training_set()
+    if resume_at is not None:
+        train_steps(state, data, settings, resume_at, objective=DDPM)
+        save_checkpoint(tmp, state)
+        state = new_state(build_denoiser(arch, seed=99), settings.lr)  # all weights must come from the checkpoint
+        load_checkpoint(tmp, state)
+    train_steps(state, data, settings, stop, objective=DDPM)
+    return state
+
+
+@pytest.mark.parametrize("conditioning", ["time", "class"])
+def test_rcdm_training_is_seeded_and_a_run_resumed_from_its_checkpoint_equals_an_unbroken_one(
+        conditioning, tmp_path, one_thread):
+    a, b = _rcdm_steps(5, conditioning=conditioning), _rcdm_steps(5, conditioning=conditioning)
+    assert a.losses == b.losses and all(torch.equal(a.ema[k], b.ema[k]) for k in a.ema)
+    assert a.losses != _rcdm_steps(5, conditioning=conditioning, seed=2).losses
+    resumed = _rcdm_steps(5, resume_at=2, tmp=str(tmp_path), conditioning=conditioning)
+    assert sorted(os.listdir(tmp_path)) == ["ema.safetensors", "model.safetensors", "optimizer.safetensors",
+                                            "state.json"]
+    assert json.loads((tmp_path / "state.json").read_text())["network_config"]["conditioning"] == conditioning
+    assert resumed.losses == a.losses
+    for k, v in a.net.state_dict().items():
+        assert torch.equal(resumed.net.state_dict()[k], v), k
+        assert torch.equal(resumed.ema[k], a.ema[k]), k
+
+
+def test_rcdm_training_reads_the_embeddings_and_draws_timesteps_per_seed_and_step(one_thread):
+    data = _training_set()
+    # Other embeddings of the same images (not negated ones: from the zero-initialised projection, -e retraces e).
+    other = TrainingSet(data.images, data.class_labels, None, 3, data.embeddings.roll(1, 0))
+    assert _rcdm_steps(3, data=data).losses[2] != _rcdm_steps(3, data=other).losses[2]
     model = build_denoiser({**ARCH, "conditioning": "time"})
-    ema, losses = train_denoiser(model, x, labels, emb, steps=30, batch_size=16, lr=2e-3, ema_decay=0.9, seed=0)
+    draw = lambda step: step_draws(1, step, 32, 8, (1, 8, 8), 0.0, lambda b, g: ddpm_timesteps(model, b, g))
+    assert torch.equal(draw(4)["level"], draw(4)["level"]) and not torch.equal(draw(4)["level"], draw(5)["level"])
+    assert draw(4)["level"].dtype == torch.long and draw(4)["level"].max() < 100
+
+
+def test_a_training_grid_samples_each_class_from_its_first_training_embeddings(one_thread):
+    data = _training_set(12)
+    model = _denoiser("time")
+    images, labels = DDPM.sample_grid(model, data, "cpu")
+    assert images.shape == (12, 8, 8) and images.dtype == np.uint8 and labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    first = sample(model, [12345], data.embeddings[[0]], None, "ddim", 10)  # class 0's first training image
+    np.testing.assert_array_equal(images[0], to_uint8(first)[0])
+
+
+def test_training_lowers_the_loss_and_the_model_round_trips_through_safetensors(tmp_path, one_thread):
+    data = _training_set()
+    state = new_state(build_denoiser({**ARCH, "conditioning": "time"}), SETTINGS.lr)
+    losses = train_steps(state, data, SETTINGS, 30, objective=DDPM)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    ema = build_denoiser({**ARCH, "conditioning": "time"})
+    ema.load_state_dict(state.ema_state())
     save_denoiser(ema, tmp_path / "m", {"embeddings": "e.safetensors"})
     loaded, meta = load_denoiser(tmp_path / "m")
     assert meta["embeddings"] == "e.safetensors" and not list((tmp_path / "m").glob("*.bin"))
-    torch.testing.assert_close(sample(loaded, [5], emb[:1], None, "ddim", 3), sample(ema, [5], emb[:1], None, "ddim", 3))
+    emb = data.embeddings
+    torch.testing.assert_close(sample(loaded, [5], emb[:1], None, "ddim", 3),
+                               sample(ema.eval(), [5], emb[:1], None, "ddim", 3))
+
+
+@pytest.mark.slow
+def test_the_generator_stage_trains_on_ray_train_and_a_killed_run_resumes_from_its_checkpoint(
+        tmp_path, monkeypatch, one_thread):
+    """``run_rcdm_generator`` on 1 gloo worker, checkpoints every 2 steps; the worker process exits at step 3 (as a
+    killed job would); the stage rerun by a new driver continues from step 2 and ends with the weights of an
+    unbroken in-process run."""
+    import functools
+    import types
+
+    import ray
+    import ray.train
+    from safetensors.numpy import save_file
+    from safetensors.torch import load_file
+
+    from synthset.config import load_config
+    from synthset.diffusion import generator_training
+    from synthset.stages import prepare
+    from synthset.stages.rcdm import generator_dir, run_rcdm_generator
+
+    cfg = load_config(ROOT / "conf" / "tiny.yaml", [
+        f"output.root={tmp_path / 'run'}", "synthesis.method=rcdm",
+        "synthesis.rcdm.model.channels=[8,16]", "synthesis.rcdm.model.num_train_timesteps=100",
+        "synthesis.rcdm.train.steps=4", "synthesis.rcdm.train.batch_size=8", "synthesis.rcdm.train.checkpoint_every=2",
+        "synthesis.rcdm.train.sample_every=2", "synthesis.rcdm.train.cpus_per_worker=1"])
+    data = _training_set(12)
+    images = torch.randint(0, 256, (12, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()
+    private = types.SimpleNamespace(images=images, labels=data.class_labels.numpy())
+    monkeypatch.setattr(prepare, "load_splits", lambda c: types.SimpleNamespace(private=private,
+                                                                                 class_names=["a", "b", "c"]))
+    embeddings = str(tmp_path / "embeddings.safetensors")
+    save_file({"embeddings": data.embeddings.numpy(), "labels": data.class_labels.numpy(),
+               "position": np.arange(12)}, embeddings)
+    embed = {"embeddings": embeddings, "encoder": "public_cnn"}
+    env = {"env_vars": {"PYTHONPATH": str(ROOT / "platform"), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    ray.shutdown()  # a Ray an earlier test of the session left running is not this test's
+    ray.init(num_cpus=2, log_to_driver=False, runtime_env=env)
+    killed = functools.partial(generator_training.fit_generator, max_failures=0, crash_at_step=3)
+    try:
+        with monkeypatch.context() as m, pytest.raises(ray.train.WorkerGroupError):
+            m.setattr(generator_training, "fit_generator", killed)
+            run_rcdm_generator(cfg, embed)
+    finally:
+        ray.shutdown()  # the whole cluster goes, as when a job's driver is killed
+    stage = generator_dir(cfg)
+    assert not stage.is_complete()
+    saved = [f for _, _, files in os.walk(stage.path("ray")) for f in files]
+    assert {"model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json"} <= set(saved)
+    assert not any(f.endswith((".pt", ".pth", ".pkl", ".bin")) for f in saved)  # nothing pickled
+    ray.init(num_cpus=2, log_to_driver=False, runtime_env=env)
+    try:
+        summary = run_rcdm_generator(cfg, embed)
+    finally:
+        ray.shutdown()
+    assert (summary["steps"], summary["resumed_from"]) == (4, 2)
+    assert sorted(os.listdir(stage.path("grids"))) == ["samples-step0000002.png", "samples-step0000004.png"]
+    from synthset.data.splits import to_unit_tensor
+    from synthset.stages.rcdm import denoiser_arch, train_settings
+
+    reference = new_state(build_denoiser(denoiser_arch(cfg, 6, 3, 1), seed=0), cfg.synthesis.rcdm.train.lr)
+    train_steps(reference, TrainingSet(to_unit_tensor(images), data.class_labels, None, 3, data.embeddings),
+                train_settings(cfg), 4, objective=DDPM)
+    got = load_file(os.path.join(summary["model"], "model.safetensors"))
+    for k, v in reference.ema.items():
+        assert torch.equal(got[k], v), k
+    loaded, meta = load_denoiser(summary["model"])
+    assert meta["embeddings"] == embeddings and loaded.arch["embed_dim"] == 6
 
 
 def test_the_band_filter_keeps_exactly_the_middle_of_each_class():
@@ -164,7 +313,8 @@ TINY_RCDM = ["synthesis.method=rcdm", "data.splits.public=300", "data.splits.pri
              "synthesis.shard_size=32", "synthesis.rcdm.sampler=ddim",
              "synthesis.rcdm.embed.real_images=40", "synthesis.rcdm.embed.public_epochs=1",
              "synthesis.rcdm.embed.public_width=4", "synthesis.rcdm.model.channels=[8,16]",
-             "synthesis.rcdm.train.steps=10", "synthesis.rcdm.train.batch_size=16", "synthesis.rcdm.train.num_cpus=1",
+             "synthesis.rcdm.train.steps=10", "synthesis.rcdm.train.batch_size=16",
+             "synthesis.rcdm.train.cpus_per_worker=1",
              "synthesis.rcdm.filter.enabled=true", "synthesis.rcdm.filter.low=0.25", "synthesis.rcdm.filter.high=0.75",
              "evaluate.enabled=false", "replication.enabled=false", "student.labels=[hard]"]
 

@@ -376,14 +376,34 @@ class RCDMModelConfig(Section):
         return self
 
 
-class RCDMTrainConfig(Section):
-    steps: int = Field(2000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0, le=1)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
+class DiffusionTrainConfig(Section):
+    """Training a method's own diffusion model with Ray Train (``diffusion/generator_training.py``): the fields
+    CASD's ``synthesis.casd.train`` and RCDM's ``synthesis.rcdm.train`` share (CASD's defaults)."""
+
+    steps: int = Field(400, ge=1, description="Optimiser steps (the budget, equal for CASD, SDA and DM).")
+    batch_size: int = Field(64, ge=1, description="Images per step, over all workers (the result does not depend "
+                            "on how many workers share it, up to float rounding).")
+    lr: float = Field(2e-4, gt=0, le=1, description="Adam learning rate, after a linear warm-up.")
+    ema_decay: float | None = Field(0.999, gt=0, lt=1, description="EMA of the weights (sampling uses it); null: "
+                                    "sample with the raw weights.")
+    max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = Field(0, ge=0)
-    num_cpus: int = Field(2, ge=1, description="torch threads of the training process.")
+    workers: int = Field(1, ge=1, description="Ray Train workers (data parallel: gloo on CPU, NCCL on GPU).")
+    cpus_per_worker: int = Field(2, ge=1)
     use_gpu: bool = False
+    mixed_precision: Literal["no", "bf16"] = Field("bf16", description="Autocast on GPU (bf16); CPU runs float32.")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (safetensors through Ray Train); "
+                                  "a killed run resumes from the last one.")
+    sample_every: int | None = Field(None, ge=1, description="Steps between sample grids (saved in the stage "
+                                     "directory, logged to MLflow); null: only at the end.")
+
+
+class RCDMTrainConfig(DiffusionTrainConfig):
+    """RCDM's denoiser: the shared recipe with RCDM's defaults; no warm-up and no class dropout, and the learning
+    rate decays by a half cosine to zero over ``steps`` (as RCDM trained before it moved to Ray Train)."""
+
+    steps: int = Field(2000, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate at step 0 (cosine decay to 0 at steps).")
 
 
 class RCDMFilterConfig(Section):
@@ -430,28 +450,12 @@ class PixelUNetArch(Section):
         return self
 
 
-class GeneratorTrainConfig(Section):
-    """Training a method's own diffusion model with Ray Train (``diffusion/generator_training.py``)."""
+class GeneratorTrainConfig(DiffusionTrainConfig):
+    """CASD's generator training: the shared recipe plus a warm-up and class dropout."""
 
-    steps: int = Field(400, ge=1, description="Optimiser steps (the budget, equal for CASD, SDA and DM).")
-    batch_size: int = Field(64, ge=1, description="Images per step, over all workers (the result does not depend "
-                            "on how many workers share it, up to float rounding).")
-    lr: float = Field(2e-4, gt=0, le=1, description="Adam learning rate, after a linear warm-up.")
     warmup_steps: int = Field(50, ge=0)
-    ema_decay: float | None = Field(0.999, gt=0, lt=1, description="EMA of the weights (sampling uses it); null: "
-                                    "sample with the raw weights.")
     class_dropout: float = Field(0.1, ge=0, le=1, description="Probability of the null class per image "
                                  "(classifier-free guidance at synthesis.guidance_scale > 1).")
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = Field(0, ge=0)
-    workers: int = Field(1, ge=1, description="Ray Train workers (data parallel: gloo on CPU, NCCL on GPU).")
-    cpus_per_worker: int = Field(2, ge=1)
-    use_gpu: bool = False
-    mixed_precision: Literal["no", "bf16"] = Field("bf16", description="Autocast on GPU (bf16); CPU runs float32.")
-    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (safetensors through Ray Train); "
-                                  "a killed run resumes from the last one.")
-    sample_every: int | None = Field(None, ge=1, description="Steps between sample grids (saved in the stage "
-                                     "directory, logged to MLflow); null: only at the end.")
 
 
 class CASDPoolConfig(Section):
@@ -718,8 +722,9 @@ EXECUTION_ONLY = ("synthesis.actors", "label.batch_size", "label.actors",
                   "replication.device", "evaluate.enabled", "privacy.cpus_per_shadow", "privacy.gpus_per_shadow",
                   # the export gate's thresholds and destination: read by the export step only
                   "privacy.max_auc", "privacy.max_tpr_at_0_1pct_fpr", "privacy.export_to",
-                  # when CASD's training checkpoints and draws sample grids (a resumed run equals an unbroken one)
-                  "synthesis.casd.train.checkpoint_every", "synthesis.casd.train.sample_every")
+                  # when generators checkpoint and draw sample grids (a resumed run equals an unbroken one)
+                  "synthesis.casd.train.checkpoint_every", "synthesis.casd.train.sample_every",
+                  "synthesis.rcdm.train.checkpoint_every", "synthesis.rcdm.train.sample_every")
 
 
 def _has(d: dict, dotted: str) -> bool:

@@ -1,19 +1,24 @@
-"""Training a method's own pixel-space diffusion model with the EDM loss: plain functions, then a Ray Train driver.
+"""Training a method's own pixel-space diffusion model (CASD's EDM model, RCDM's DDPM denoiser): plain
+functions, then a Ray Train driver.
 
-The algorithm (no Ray; tests/test_generator_training.py):
+The algorithm (no Ray; tests/test_generator_training.py, tests/test_rcdm.py):
 
 - ``TrainingSet``: images in [-1, 1] (N, C, H, W) with their conditions (``class_labels``; CASD's
-  ``source``, 0 real / 1 synthetic). CASD's loss (Eq. 5 of seed 001) is the mean over the union of
-  real and synthetic samples, so a step draws its batch uniformly from the whole set.
-- ``step_draws(seed, step, …)``: everything random in step ``step`` (which samples, their σ,
-  their noise, which class labels drop to the null class) from one generator seeded by
+  ``source``, 0 real / 1 synthetic; RCDM's ``embeddings``, an encoder's vector of each image). CASD's
+  loss (Eq. 5 of seed 001) is the mean over the union of real and synthetic samples, so a step draws
+  its batch uniformly from the whole set.
+- ``Objective``: what the network is and what it learns, as plain functions: how to build it from
+  its config, a step's noise levels, the per-sample loss, a sample grid. ``EDM`` (here; CASD) and
+  ``diffusion.rcdm.DDPM`` (RCDM) are the two; everything else below is shared.
+- ``step_draws(seed, step, …)``: everything random in step ``step`` (which samples, their noise
+  levels, their noise, which class labels drop to the null class) from one generator seeded by
   (seed, step). No stream is carried from step to step, so a run resumed at step k draws exactly
   what an unbroken run draws, and a worker computing any share of a step draws the same numbers.
 - ``edm_loss_at``: EDM's per-sample loss λ(σ)‖D(y + σn; σ) − y‖² (``diffusion.edm``, Eq. 2 and
   Table 1) with σ and n given, so that they can be drawn for the whole step and shared out.
-- ``TrainState`` / ``train_steps``: Adam with a linear warm-up (the learning rate is a function of
-  the step, not of a scheduler's state), gradient clipping, EMA of the weights (the EDM code's
-  practice; sampling uses the EMA). With ``data_parallel=(rank, world)`` inside a
+- ``TrainState`` / ``train_steps``: Adam with a linear warm-up and, for RCDM, a cosine decay (the
+  learning rate is a function of the step, not of a scheduler's state), gradient clipping, EMA of
+  the weights (the EDM code's practice; sampling uses the EMA). With ``data_parallel=(rank, world)`` inside a
   ``torch.distributed`` group, each rank computes the loss of its share of the step's batch
   (positions ``rank::world``, each divided by the *whole* batch size) and the gradients are
   summed: one process's step, split.
@@ -30,16 +35,20 @@ starts the same run, so rerunning a killed stage continues from its last checkpo
 that dies is restarted from it within the same ``fit`` (``FailureConfig.max_failures``).
 
     state = new_state(build_pixel_unet(arch, 32, 1, num_classes=10, num_sources=2), lr=2e-4)
-    losses = train_steps(state, data, settings, stop=400)
+    losses = train_steps(state, data, settings, stop=400)  # EDM: CASD
+    # RCDM: new_state(diffusion.rcdm.build_denoiser(arch)), a TrainingSet with embeddings, objective=rcdm.DDPM
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -50,12 +59,14 @@ from synthset.diffusion.edm import EDMDenoiser, loss_weight, sample_training_sig
 @dataclass
 class TrainingSet:
     """What the generator trains on: ``images`` float (N, C, H, W) in [-1, 1]; ``class_labels`` long (N,);
-    ``source`` long (N,) or None (a network without a source label)."""
+    ``source`` long (N,) or None (a network without a source label); ``embeddings`` float (N, D) or None
+    (a network not conditioned on an embedding of the image)."""
 
     images: torch.Tensor
     class_labels: torch.Tensor
     source: torch.Tensor | None = None
     num_classes: int = 0
+    embeddings: torch.Tensor | None = None
 
     def __post_init__(self):
         n = len(self.images)
@@ -65,6 +76,8 @@ class TrainingSet:
             value = getattr(self, name)
             if value is not None and value.shape != (n,):
                 raise ValueError(f"TrainingSet: {name} has shape {tuple(value.shape)}, expected ({n},)")
+        if self.embeddings is not None and (self.embeddings.ndim != 2 or len(self.embeddings) != n):
+            raise ValueError(f"TrainingSet: embeddings has shape {tuple(self.embeddings.shape)}, expected ({n}, D)")
 
     @property
     def num_sources(self) -> int:
@@ -74,6 +87,8 @@ class TrainingSet:
         out = {"images": self.images.contiguous(), "class_labels": self.class_labels.contiguous()}
         if self.source is not None:
             out["source"] = self.source.contiguous()
+        if self.embeddings is not None:
+            out["embeddings"] = self.embeddings.contiguous()
         return out
 
 
@@ -91,12 +106,13 @@ def load_training_set(path: str) -> TrainingSet:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return TrainingSet(tensors["images"], tensors["class_labels"], tensors.get("source"),
-                       int(meta.get("num_classes", 0)))
+                       int(meta.get("num_classes", 0)), tensors.get("embeddings"))
 
 
 @dataclass
 class TrainSettings:
-    """The training recipe (``config.GeneratorTrainConfig`` minus where it runs)."""
+    """The training recipe (``config.DiffusionTrainConfig`` minus where it runs). ``decay_steps``: the learning
+    rate decays by a half cosine to zero over this many steps (RCDM); None: constant after the warm-up (CASD)."""
 
     batch_size: int = 64
     lr: float = 2e-4
@@ -105,6 +121,7 @@ class TrainSettings:
     class_dropout: float = 0.1
     max_grad_norm: float | None = 1.0
     seed: int = 0
+    decay_steps: int | None = None
 
     @classmethod
     def from_config(cls, train) -> "TrainSettings":
@@ -119,16 +136,17 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def step_draws(seed: int, step: int, n: int, batch_size: int, image_shape: tuple[int, ...],
-               class_dropout: float = 0.0) -> dict[str, torch.Tensor]:
+               class_dropout: float = 0.0, draw_levels: Callable | None = None) -> dict[str, torch.Tensor]:
     """Step ``step``'s random draws, in a fixed order from one CPU generator: ``index`` (B,) uniform over the
-    n training images (with replacement), ``sigma`` (B,) with ln σ ~ N(P_mean, P_std²) (EDM Table 1),
-    ``noise`` (B, *image_shape) standard normal, ``drop`` (B,) bool: class label replaced by the null class."""
+    n training images (with replacement), ``level`` (B,): ``draw_levels(B, generator)``, by default EDM's σ
+    with ln σ ~ N(P_mean, P_std²) (Table 1), ``noise`` (B, *image_shape) standard normal, ``drop`` (B,) bool:
+    class label replaced by the null class."""
     g = torch.Generator().manual_seed(step_seed(seed, step))
     index = torch.randint(0, n, (batch_size,), generator=g)
-    sigma = sample_training_sigmas(batch_size, g)
+    level = (draw_levels or sample_training_sigmas)(batch_size, g)
     noise = torch.randn((batch_size, *image_shape), generator=g)
     drop = torch.rand(batch_size, generator=g) < class_dropout
-    return {"index": index, "sigma": sigma, "noise": noise, "drop": drop}
+    return {"index": index, "level": level, "noise": noise, "drop": drop}
 
 
 def edm_loss_at(denoiser, images: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, **cond) -> torch.Tensor:
@@ -139,9 +157,51 @@ def edm_loss_at(denoiser, images: torch.Tensor, sigma: torch.Tensor, noise: torc
     return (loss_weight(sigma_b, denoiser.sigma_data) * (denoised - images) ** 2).flatten(1).mean(1)
 
 
-def lr_at(step: int, lr: float, warmup_steps: int) -> float:
-    """Learning rate of step ``step`` (0-based): linear warm-up over ``warmup_steps``, then constant."""
-    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+@dataclass(frozen=True)
+class Objective:
+    """What a generator is and what it learns, as four module-level functions (Ray pickles them by reference):
+
+    - ``build(network_config)``: the network (its weights come from the initial file or a checkpoint);
+    - ``draw_levels(network, batch_size, generator)``: a step's noise levels (EDM: σ; DDPM: timesteps t),
+      drawn in ``step_draws``'s fixed order;
+    - ``loss(network)``: a function ``(images, levels, noise, **cond)`` → per-sample loss (B,), its
+      preconditioning or noise schedule built once;
+    - ``sample_grid(network, data, device)``: (uint8 images, class ids), a few samples per class.
+
+    ``network_config`` is what ``save_checkpoint`` records as the network's ``config``.
+    """
+
+    build: Callable[[dict], torch.nn.Module]
+    draw_levels: Callable[[torch.nn.Module, int, torch.Generator], torch.Tensor]
+    loss: Callable[[torch.nn.Module], Callable[..., torch.Tensor]]
+    sample_grid: Callable[[torch.nn.Module, TrainingSet, Any], tuple[np.ndarray, np.ndarray]]
+
+
+def _pixel_unet(network_config: dict) -> torch.nn.Module:
+    from synthset.diffusion.pixel_unet import ConditionalPixelUNet
+
+    return ConditionalPixelUNet.from_config(network_config)
+
+
+def _edm_levels(net, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    return sample_training_sigmas(batch_size, generator)
+
+
+def _edm_loss(net):
+    return functools.partial(edm_loss_at, EDMDenoiser(net))
+
+
+def _edm_grid(net, data: TrainingSet, device) -> tuple[np.ndarray, np.ndarray]:
+    return sample_grid_images(net, data.num_classes, 4, device=str(device))
+
+
+def lr_at(step: int, lr: float, warmup_steps: int, decay_steps: int | None = None) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up over ``warmup_steps``, then constant, or with
+    ``decay_steps`` times ½(1 + cos(π·min(step, decay_steps)/decay_steps)) (cosine to zero)."""
+    rate = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+    if decay_steps:
+        rate *= 0.5 * (1 + math.cos(math.pi * min(step, decay_steps) / decay_steps))
+    return rate
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -171,6 +231,8 @@ def new_state(net: torch.nn.Module, lr: float = 2e-4, ema: bool = True) -> Train
 
 
 def _cond(data: TrainingSet, index: torch.Tensor, drop: torch.Tensor, null_class: int, device) -> dict:
+    """The conditions of the images at ``index``, by the names the networks take: ``class_labels`` (``drop``
+    ones replaced by the null class), ``source``, ``embedding``."""
     cond = {}
     if data.num_classes:
         labels = data.class_labels[index].clone()
@@ -178,26 +240,30 @@ def _cond(data: TrainingSet, index: torch.Tensor, drop: torch.Tensor, null_class
         cond["class_labels"] = labels.to(device)
     if data.source is not None:
         cond["source"] = data.source[index].to(device)
+    if data.embeddings is not None:
+        cond["embedding"] = data.embeddings[index].to(device)
     return cond
 
 
 def train_steps(state: TrainState, data: TrainingSet, settings: TrainSettings, stop: int,
                 data_parallel: tuple[int, int] | None = None, device: str | torch.device = "cpu",
-                autocast_dtype: torch.dtype | None = None) -> list[float]:
+                autocast_dtype: torch.dtype | None = None, objective: Objective | None = None) -> list[float]:
     """Run steps ``state.step … stop-1`` in place; returns their losses (mean over each step's whole batch).
 
     ``data``: the training set (CPU tensors; each step's share moves to ``device``). ``settings``: the
     recipe. ``data_parallel=(rank, world_size)`` in an initialised ``torch.distributed`` group: this
     rank's share of every step, gradients summed over ranks (see the module docstring).
     ``autocast_dtype``: mixed precision for the forward pass (bf16 on GPU); None: full precision.
+    ``objective``: the network's levels and loss (default ``EDM``).
     """
     rank, world = data_parallel or (0, 1)
     if not 0 <= rank < world:
         raise ValueError(f"train_steps: data_parallel={data_parallel} is not (rank, world_size)")
     if settings.batch_size < world:
         raise ValueError(f"batch_size ({settings.batch_size}) is smaller than the {world} workers sharing it")
-    net = state.net
-    denoiser = EDMDenoiser(net)
+    net, objective = state.net, objective or EDM
+    loss_at = objective.loss(net)
+    draw_levels = functools.partial(objective.draw_levels, net)
     params = [p for p in net.parameters() if p.requires_grad]
     null_class = data.num_classes
     shape = tuple(data.images.shape[1:])
@@ -205,18 +271,18 @@ def train_steps(state: TrainState, data: TrainingSet, settings: TrainSettings, s
     out = []
     net.train()
     for step in range(state.step, stop):
-        draws = step_draws(settings.seed, step, len(data.images), settings.batch_size, shape, settings.class_dropout)
+        draws = step_draws(settings.seed, step, len(data.images), settings.batch_size, shape, settings.class_dropout,
+                           draw_levels)
         idx = draws["index"][mine]
         images = data.images[idx].to(device)
         cond = _cond(data, idx, draws["drop"][mine], null_class, device)
         for group in state.opt.param_groups:
-            group["lr"] = lr_at(step, settings.lr, settings.warmup_steps)
+            group["lr"] = lr_at(step, settings.lr, settings.warmup_steps, settings.decay_steps)
         torch.manual_seed((step_seed(settings.seed, step) + rank) % (1 << 63))  # dropout masks: resumable too
         state.opt.zero_grad(set_to_none=False)
         with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
                             enabled=autocast_dtype is not None):
-            per_sample = edm_loss_at(denoiser, images, draws["sigma"][mine].to(device),
-                                     draws["noise"][mine].to(device), **cond)
+            per_sample = loss_at(images, draws["level"][mine].to(device), draws["noise"][mine].to(device), **cond)
         loss = per_sample.float().sum() / settings.batch_size  # this rank's part of the whole batch's mean
         loss.backward()
         total = loss.detach().reshape(1)
@@ -332,6 +398,10 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return arr[:, 0].numpy() if arr.shape[1] == 1 else arr.permute(0, 2, 3, 1).numpy()
 
 
+# CASD's generator: a ConditionalPixelUNet trained with EDM's loss, sampled with EDM's Heun sampler.
+EDM = Objective(_pixel_unet, _edm_levels, _edm_loss, _edm_grid)
+
+
 # ---- the Ray Train driver ----
 
 def _train_loop(config: dict) -> None:
@@ -340,8 +410,6 @@ def _train_loop(config: dict) -> None:
 
     import ray.train
     from ray.train import Checkpoint
-
-    from synthset.diffusion.pixel_unet import ConditionalPixelUNet
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -352,7 +420,8 @@ def _train_loop(config: dict) -> None:
     data = load_training_set(_local_file(config["training_set"]))
     settings = TrainSettings(**config["settings"])
     torch.manual_seed(settings.seed)
-    net = ConditionalPixelUNet.from_config(config["network_config"]).to(device)
+    objective = config["objective"]
+    net = objective.build(config["network_config"]).to(device)
     net.load_state_dict(load_file_cpu(_local_file(config["init_weights"])))  # the same start on every rank
     state = new_state(net, settings.lr, ema=settings.ema_decay is not None)
     resumed_from = 0
@@ -369,10 +438,11 @@ def _train_loop(config: dict) -> None:
     while state.step < steps:
         stop = min(steps, (state.step // every + 1) * every)
         if crash is not None and rank == world - 1 and state.step < crash <= stop and resumed_from == 0:
-            train_steps(state, data, settings, crash, (rank, world) if world > 1 else None, device, autocast)
+            train_steps(state, data, settings, crash, (rank, world) if world > 1 else None, device, autocast, objective)
             _wait_for_snapshot(config["snapshot"])
             os._exit(1)  # a test's stand-in for a killed worker/node: no cleanup, no report
-        losses = train_steps(state, data, settings, stop, (rank, world) if world > 1 else None, device, autocast)
+        losses = train_steps(state, data, settings, stop, (rank, world) if world > 1 else None, device, autocast,
+                             objective)
         seconds = time.time() - t0
         metrics = {"step": state.step, "loss": float(np.mean(losses)), "resumed_from": resumed_from,
                    "steps_per_s": (state.step - first) / seconds if seconds > 0 else 0.0}
@@ -418,13 +488,12 @@ def load_file_cpu(path: str) -> dict[str, torch.Tensor]:
 
 
 def _save_grid(state: TrainState, data: TrainingSet, config: dict, device) -> None:
-    from synthset.diffusion.pixel_unet import ConditionalPixelUNet
     from synthset.eval.plots import save_class_grid
 
-    net = ConditionalPixelUNet.from_config(config["network_config"])
+    net = config["objective"].build(config["network_config"])
     net.load_state_dict(state.ema_state())
     net = net.to(device).eval()
-    images, labels = sample_grid_images(net, data.num_classes, 4, device=str(device))
+    images, labels = config["objective"].sample_grid(net, data, device)
     out = os.path.join(config["grid_dir"], f"samples-step{state.step:07d}.png")
     os.makedirs(config["grid_dir"], exist_ok=True)
     save_class_grid(images, labels, config.get("class_names") or [str(c) for c in range(data.num_classes)], out, 4)
@@ -434,11 +503,12 @@ def fit_generator(network_config: dict, init_weights: str, training_set: str, se
                   steps: int, storage_path: str, name: str, workers: int = 1, cpus_per_worker: int = 1,
                   use_gpu: bool = False, mixed_precision: str = "bf16", checkpoint_every: int = 100,
                   sample_every: int | None = None, grid_dir: str | None = None, class_names: list[str] | None = None,
-                  max_failures: int = 2, crash_at_step: int | None = None) -> dict:
+                  max_failures: int = 2, crash_at_step: int | None = None, objective: Objective | None = None) -> dict:
     """Train with a ``TorchTrainer`` of ``workers`` workers; returns the last checkpoint's ``state.json``,
     with ``checkpoint`` (its directory) added.
 
-    ``network_config``: a ``ConditionalPixelUNet`` config; ``init_weights``: its initial weights
+    ``objective``: the network and its loss (default ``EDM``); ``network_config``: what its ``build`` takes
+    (a ``ConditionalPixelUNet`` config for EDM); ``init_weights``: its initial weights
     (a safetensors file or URI; every rank starts from them); ``training_set``: a ``save_training_set``
     file or URI (each worker reads it). ``checkpoint`` in the result is a local copy of the last one. Ray Train
     keeps the run under ``storage_path/name``: a driver started again with the same two continues from
@@ -455,7 +525,8 @@ def fit_generator(network_config: dict, init_weights: str, training_set: str, se
                            "checkpoint_every": checkpoint_every, "cpus_per_worker": cpus_per_worker,
                            "use_gpu": use_gpu, "mixed_precision": mixed_precision, "sample_every": sample_every,
                            "grid_dir": grid_dir, "class_names": class_names, "crash_at_step": crash_at_step,
-                           "snapshot": os.path.join(storage_path, name, "checkpoint_manager_snapshot.json")},
+                           "snapshot": os.path.join(storage_path, name, "checkpoint_manager_snapshot.json"),
+                           "objective": objective or EDM},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),

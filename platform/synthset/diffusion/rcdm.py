@@ -1,8 +1,9 @@
 """RCDM (seed 002): a pixel-space denoiser conditioned on an image encoder's embedding of a real image.
 
-Plain functions of tensors, seeds and settings (no Ray): building the conditioned UNet, one DDPM
-training loss, the training loop, the DDPM / DDIM sampling loops (explicit, one seeded generator per
-image), and the centroid-band filter of §3.2.
+Plain functions of tensors, seeds and settings (no Ray): building the conditioned UNet, the DDPM
+training loss and its ``generator_training.Objective`` (``DDPM``: RCDM trains through the same loop,
+checkpoints and Ray Train driver as CASD), the DDPM / DDIM sampling loops (explicit, one seeded
+generator per image), and the centroid-band filter of §3.2.
 
 Conditioning (``RCDMModelConfig.conditioning``):
 
@@ -15,23 +16,26 @@ Conditioning (``RCDMModelConfig.conditioning``):
   learned class embedding instead of the embedding projection, same size and training budget.
 
 Training is ε-prediction DDPM (Ho et al. 2020, Algorithm 1) with diffusers' ``DDPMScheduler``
-(linear β, 1000 steps); sampling is DDPM ancestral (Algorithm 2; the seed uses 100 steps) or DDIM
-(Song et al. 2021, Eq. 12 with η = 0).
+(linear β, 1000 steps): ``train_steps(state, data, settings, stop, objective=DDPM)`` with the
+embeddings in ``TrainingSet.embeddings`` and each step's timesteps and noise drawn from (seed, step),
+so a run resumed from a checkpoint equals an unbroken one; sampling is DDPM ancestral (Algorithm 2;
+the seed uses 100 steps) or DDIM (Song et al. 2021, Eq. 12 with η = 0).
 
 Run it through the pipeline: ``python jobs/pipeline.py --config conf/rcdm.yaml``.
 """
 
 from __future__ import annotations
 
-import copy
+import functools
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from synthset.diffusion.generator_training import Objective
 
 CONDITIONINGS = ("time", "cross_attention", "class")
 
@@ -82,6 +86,11 @@ class RCDMDenoiser(nn.Module):
     @property
     def conditioning(self) -> str:
         return self.arch["conditioning"]
+
+    @property
+    def config(self) -> dict:
+        """The architecture, under the name training checkpoints record a network's config by."""
+        return self.arch
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor | None,
                 labels: torch.Tensor | None) -> torch.Tensor:
@@ -139,46 +148,32 @@ def make_scheduler(kind: str, num_train_timesteps: int):
     raise ValueError(f"sampler: {kind!r} is not 'ddpm' or 'ddim'")
 
 
-def ddpm_loss(model: RCDMDenoiser, scheduler, x0: torch.Tensor, embeddings, labels,
-              generator: torch.Generator) -> torch.Tensor:
-    """‖ε − ε_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t)‖² with t uniform (DDPM, Algorithm 1)."""
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
+def ddpm_timesteps(model: RCDMDenoiser, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A step's timesteps (B,), uniform over the training schedule (DDPM, Algorithm 1 line 3)."""
+    return torch.randint(0, model.arch.get("num_train_timesteps", 1000), (batch_size,), generator=generator)
+
+
+def ddpm_loss_at(model: RCDMDenoiser, scheduler, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                 class_labels: torch.Tensor | None = None, embedding: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample ‖ε − ε_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t)‖² (mean over pixels; DDPM, Algorithm 1 line 5) with t and
+    ε given, so that they are drawn for the whole step (``generator_training.step_draws``) and shared out."""
     noisy = scheduler.add_noise(x0, noise, t)
-    return F.mse_loss(model(noisy, t, embeddings, labels), noise)
+    return ((model(noisy, t, embedding, class_labels).float() - noise) ** 2).flatten(1).mean(1)
 
 
-def train_denoiser(model: RCDMDenoiser, images: torch.Tensor, labels: torch.Tensor, embeddings: torch.Tensor,
-                   steps: int, batch_size: int, lr: float, ema_decay: float, seed: int,
-                   device: str = "cpu", log_every: int = 200, on_log=None) -> tuple[RCDMDenoiser, list[float]]:
-    """Train on (images in [-1, 1], class labels, embeddings of the same images); return (EMA model, losses).
+def ddpm_loss(model: RCDMDenoiser):
+    """``ddpm_loss_at`` with the model's noise schedule built once."""
+    return functools.partial(ddpm_loss_at, model, make_scheduler("ddpm", model.arch.get("num_train_timesteps", 1000)))
 
-    Batches are drawn by a generator seeded with ``seed``; AdamW with a cosine learning rate.
-    """
-    model = model.to(device).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    scheduler = make_scheduler("ddpm", model.arch.get("num_train_timesteps", 1000))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    for step in range(steps):
-        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
-        x0 = images[idx].to(device)
-        loss = ddpm_loss(model, scheduler, x0, embeddings[idx].to(device), labels[idx].to(device), gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            decay = min(ema_decay, (1 + step) / (10 + step))  # warm-up: early EMA follows the model
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - decay)
-        losses.append(loss.item())
-        if on_log is not None and (step + 1) % log_every == 0:
-            on_log(step + 1, float(np.mean(losses[-log_every:])))
-    return ema, losses
+
+def grid_samples(model: RCDMDenoiser, data, device, per_class: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images, class ids) for a training grid: per class, DDIM samples (10 steps) conditioned on the
+    embeddings of its first ``per_class`` training images (or on the class, for the class baseline)."""
+    rows = torch.cat([(data.class_labels == c).nonzero()[:per_class, 0] for c in range(data.num_classes)])
+    embeddings = data.embeddings[rows] if data.embeddings is not None else None
+    images = sample(model, [12345 + i for i in range(len(rows))], embeddings, data.class_labels[rows], "ddim", 10,
+                    str(device))
+    return to_uint8(images), data.class_labels[rows].numpy()
 
 
 @torch.no_grad()
@@ -213,6 +208,10 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[-1, 1] (B, C, H, W) → uint8 (B, H, W) for one channel, (B, H, W, 3) for RGB."""
     out = ((x.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     return out[:, 0] if out.shape[1] == 1 else out.transpose(0, 2, 3, 1)
+
+
+# RCDM's denoiser trained with the DDPM loss, sampled with DDIM for the training grids.
+DDPM = Objective(RCDMDenoiser, ddpm_timesteps, ddpm_loss, grid_samples)
 
 
 # --- Centroid-band filtering (seed §3.2) -------------------------------------------------------------

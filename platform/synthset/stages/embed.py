@@ -139,7 +139,7 @@ def run_embed(cfg: Config, resume: bool = True, tracker=None) -> dict:
                          "back by path)")
     stage.begin(cfg)
     t0 = time.time()
-    torch.set_num_threads(max(1, cfg.synthesis.rcdm.train.num_cpus))
+    torch.set_num_threads(max(1, cfg.synthesis.rcdm.train.cpus_per_worker))
     splits = load_splits(cfg)
     encoder = e.encoder
     if encoder == PUBLIC_CNN:

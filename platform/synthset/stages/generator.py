@@ -178,20 +178,68 @@ def _ray_storage(stage: StageDir) -> str:
     return stage.uri if "://" in stage.uri else os.path.join(stage.uri, "ray")
 
 
+def train_in_stage(stage: StageDir, net, data, settings, train, class_names: list[str], resume: bool,
+                   objective=None) -> tuple[object, dict, dict, str]:
+    """Train ``net`` (its initial weights) on ``data`` with ``fit_generator`` into ``stage``: CASD's generator and
+    RCDM's denoiser both train through here. Returns (the network with the final EMA weights, the last
+    checkpoint's ``state.json``, metrics, the local stage directory).
+
+    ``train``: a ``config.DiffusionTrainConfig`` (where and how often it runs; ``settings`` is its recipe);
+    ``objective``: ``generator_training.Objective`` (default EDM). Writes ``training_set.safetensors`` and
+    ``init.safetensors`` (what every worker reads) and, with ``train.sample_every``, ``grids/``. Ray Train keeps
+    the run as ``generator-<hash>`` under ``<stage>/ray``: a rerun continues from its last checkpoint, unless
+    ``resume`` is False (the old run is deleted first)."""
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    from synthset.diffusion.generator_training import EDM, fit_generator, read_checkpoint_state, save_training_set
+
+    objective = objective or EDM
+    if not resume and storage.exists(_ray_storage(stage)):  # --no-resume: Ray Train must not restore the old run
+        storage.delete_dir_contents(_ray_storage(stage))
+    local = storage.local_path(stage.uri) if storage.is_local(stage.uri) else tempfile.mkdtemp(prefix="generator-")
+    os.makedirs(local, exist_ok=True)
+    save_training_set(os.path.join(local, "training_set.safetensors"), data)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, os.path.join(local, "init.safetensors"))
+    if not storage.is_local(stage.uri):
+        storage.upload_dir(local, stage.uri)
+    t0 = time.time()
+    result = fit_generator(
+        dict(net.config), stage.path("init.safetensors"), stage.path("training_set.safetensors"), settings,
+        train.steps, _ray_storage(stage), f"generator-{stage.hash}", train.workers, train.cpus_per_worker,
+        train.use_gpu, train.mixed_precision, train.checkpoint_every, train.sample_every,
+        os.path.join(local, "grids") if storage.is_local(stage.uri) else None, class_names, objective=objective)
+    seconds = time.time() - t0
+    checkpoint = result["checkpoint"]  # a local copy of the last checkpoint
+    ema = os.path.join(checkpoint, "ema.safetensors")
+    final = objective.build(dict(net.config))
+    final.load_state_dict(load_file(ema if os.path.exists(ema) else os.path.join(checkpoint, "model.safetensors")))
+    state = read_checkpoint_state(checkpoint)
+    losses = state["losses"]
+    trained_now = state["step"] - state.get("resumed_from", 0)
+    metrics = {"steps": state["step"], "resumed_from": state.get("resumed_from", 0),
+               "steps_per_s": trained_now / state["seconds"] if state.get("seconds") else 0.0,
+               "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])), "seconds": seconds}
+    return final, state, metrics, local
+
+
+def grid_files(local: str) -> list[str]:
+    """The sample grids training saved in the stage directory ``local`` (for the tracker), in step order."""
+    grids = os.path.join(local, "grids")
+    return sorted(os.path.join(grids, f) for f in os.listdir(grids)) if os.path.isdir(grids) else []
+
+
 def run_generator(cfg: Config, model: str | None = None, done: dict | None = None, resume: bool = True,
                   tracker=None) -> dict:
     """Train (or reuse, or resume) CASD's generator; the summary's ``model`` is what synthesis loads.
 
     ``model`` (the foundation model) and ``done`` are the pipeline's stage-runner arguments; a pool of
     ``pool.method`` is generated first through the pipeline (``pipeline.run_generation``)."""
-    import tempfile
-
     import torch
-    from safetensors.torch import save_file
 
-    from synthset.diffusion.generator_training import (TrainSettings, fit_generator, read_checkpoint_state,
-                                                       sample_grid_images, save_training_set)
-    from synthset.diffusion.pixel_unet import ConditionalPixelUNet, build_pixel_unet
+    from synthset.diffusion.generator_training import TrainSettings, sample_grid_images
+    from synthset.diffusion.pixel_unet import build_pixel_unet
     from synthset.eval.plots import save_class_grid, save_curves
     from synthset.stages.prepare import load_splits
 
@@ -211,55 +259,29 @@ def run_generator(cfg: Config, model: str | None = None, done: dict | None = Non
         else:
             pool_dataset = casd.pool.path
     data, counts = training_set(cfg, pool_dataset)
-    if not resume and storage.exists(_ray_storage(stage)):  # --no-resume: Ray Train must not restore the old run
-        storage.delete_dir_contents(_ray_storage(stage))
     stage.begin(cfg)
     net = build_pixel_unet(casd.model, cfg.data.image_size, data.images.shape[1], num_classes=len(names),
                            num_sources=2 if casd.variant == "casd" else 0, seed=train.seed)
-    local = storage.local_path(stage.uri) if storage.is_local(stage.uri) else tempfile.mkdtemp(prefix="generator-")
-    os.makedirs(local, exist_ok=True)
-    save_training_set(os.path.join(local, "training_set.safetensors"), data)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, os.path.join(local, "init.safetensors"))
-    if not storage.is_local(stage.uri):
-        storage.upload_dir(local, stage.uri)
     print(f"[generator] {casd.variant}: {counts['real_images']} private + {counts['pool_images']} pool images "
           f"(mismatch: {casd.pool.mismatch}), {train.steps} steps of {train.batch_size} on {train.workers} "
           f"worker(s) → {stage.uri}")
-    t0 = time.time()
-    result = fit_generator(
-        dict(net.config), stage.path("init.safetensors"), stage.path("training_set.safetensors"),
-        TrainSettings.from_config(train), train.steps,
-        _ray_storage(stage), f"generator-{stage.hash}", train.workers, train.cpus_per_worker, train.use_gpu,
-        train.mixed_precision, train.checkpoint_every, train.sample_every,
-        os.path.join(local, "grids") if storage.is_local(stage.uri) else None, names)
-    seconds = time.time() - t0
-    from safetensors.torch import load_file
-
-    checkpoint = result["checkpoint"]  # a local copy of the last checkpoint
-    ema = os.path.join(checkpoint, "ema.safetensors")
-    final = ConditionalPixelUNet.from_config(dict(net.config))
-    final.load_state_dict(load_file(ema if os.path.exists(ema) else os.path.join(checkpoint, "model.safetensors")))
+    final, state, metrics, local = train_in_stage(stage, net, data, TrainSettings.from_config(train), train, names,
+                                                  resume)
     final.save_pretrained(os.path.join(local, "model"), safe_serialization=True)
-    state = read_checkpoint_state(checkpoint)
-    losses = state["losses"]
-    save_curves({casd.variant: losses}, os.path.join(local, "loss.png"), f"{casd.variant}: EDM loss")
+    save_curves({casd.variant: state["losses"]}, os.path.join(local, "loss.png"), f"{casd.variant}: EDM loss")
     torch.set_num_threads(max(1, train.cpus_per_worker))
     images, labels = sample_grid_images(final.eval(), len(names), 8, num_steps=cfg.synthesis.num_inference_steps
                                         if cfg.synthesis.num_inference_steps >= 2 else 18)
     save_class_grid(images, labels, names, os.path.join(local, "samples.png"), 8)
     if not storage.is_local(stage.uri):
         storage.upload_dir(local, stage.uri)
-    trained_now = state["step"] - state.get("resumed_from", 0)
-    metrics = {"steps": state["step"], "resumed_from": state.get("resumed_from", 0),
-               "steps_per_s": trained_now / state["seconds"] if state.get("seconds") else 0.0,
-               "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])), "seconds": seconds, **counts}
+    metrics = {**metrics, **counts}
     summary = stage.complete({"model": stage.path("model"), "variant": casd.variant, "pool": pool_dataset,
                               "pool_identity": pool_identity(cfg), **metrics})
     if tracker is not None:
-        grids = sorted(os.path.join(local, "grids", f) for f in os.listdir(os.path.join(local, "grids"))) \
-            if os.path.isdir(os.path.join(local, "grids")) else []
         tracker.log_stage("generator", cfg, metrics=metrics, params=casd.model_dump(mode="json"),
-                          artifacts=[os.path.join(local, "samples.png"), os.path.join(local, "loss.png"), *grids])
+                          artifacts=[os.path.join(local, "samples.png"), os.path.join(local, "loss.png"),
+                                     *grid_files(local)])
     print(f"[generator] {state['step']} steps ({metrics['steps_per_s']:.2f} steps/s, resumed from "
           f"{metrics['resumed_from']}), final loss {metrics['final_loss']:.4f} → {stage.path('model')}")
     return summary

@@ -1,9 +1,14 @@
 """RCDM's two stages around synthesis: training its denoiser, and the centroid-band filter after it.
 
 ``run_rcdm_generator``: trains ``diffusion.rcdm.RCDMDenoiser`` on the private images conditioned on
-their embeddings (the embed stage) or, for the class-conditioned baseline, on their labels; writes
-``<output.root>/rcdm_generator/<hash>/model`` (``model.safetensors``, ``rcdm.json`` naming the
-embeddings file). In-process on ``synthesis.rcdm.train.num_cpus`` threads (or one GPU).
+their embeddings (the embed stage) or, for the class-conditioned baseline, on their labels, through
+the same Ray Train driver as CASD's generator (``stages.generator.train_in_stage`` with the
+``diffusion.rcdm.DDPM`` objective): ``synthesis.rcdm.train.workers`` ``TorchTrainer`` workers,
+safetensors checkpoints every ``checkpoint_every`` steps under ``<stage>/ray``, so a stage killed
+part-way continues from its last checkpoint when rerun (``--no-resume`` starts over). Writes
+``<output.root>/rcdm_generator/<hash>/``: ``model/`` (the EMA weights as ``model.safetensors``,
+``rcdm.json`` naming the embeddings file), ``training_set.safetensors``, ``init.safetensors``,
+``loss.png``, ``grids/`` (with ``sample_every``) and ``_SUCCESS.json`` last.
 
 ``run_rcdm_filter``: why the filter runs *after* synthesis, as its own stage. The seed ranks each
 class's generated images by the distance of their embedding to the class centroid and keeps the
@@ -44,12 +49,6 @@ def filter_dir(cfg: Config) -> StageDir:
     return StageDir.for_config(cfg, "rcdm_filter")
 
 
-def _device(use_gpu: bool) -> str:
-    import torch
-
-    return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-
-
 def denoiser_arch(cfg: Config, embed_dim: int, num_classes: int, channels: int) -> dict:
     m = cfg.synthesis.rcdm.model
     return {"image_size": cfg.data.image_size, "image_channels": channels, "channels": list(m.channels),
@@ -58,13 +57,27 @@ def denoiser_arch(cfg: Config, embed_dim: int, num_classes: int, channels: int) 
             "embed_dim": embed_dim, "num_classes": num_classes, "num_train_timesteps": m.num_train_timesteps}
 
 
+def train_settings(cfg: Config):
+    """RCDM's recipe (``synthesis.rcdm.train``): no warm-up or class dropout, the learning rate decaying by a half
+    cosine to zero over the run's steps."""
+    from synthset.diffusion.generator_training import TrainSettings
+
+    tr = cfg.synthesis.rcdm.train
+    return TrainSettings(batch_size=tr.batch_size, lr=tr.lr, warmup_steps=0, ema_decay=tr.ema_decay,
+                         class_dropout=0.0, max_grad_norm=tr.max_grad_norm, seed=tr.seed, decay_steps=tr.steps)
+
+
 def run_rcdm_generator(cfg: Config, embed: dict, resume: bool = True, tracker=None) -> dict:
-    """Train the RCDM denoiser (or the class-conditioned baseline) on the private split; the stage summary."""
+    """Train (or reuse, or resume) the RCDM denoiser (or the class-conditioned baseline) on the private split;
+    the stage summary. Needs Ray (``stages.common.init_ray``)."""
     import torch
     from safetensors.numpy import load_file
 
     from synthset.data.splits import fit_images, to_unit_tensor
-    from synthset.diffusion.rcdm import build_denoiser, save_denoiser, train_denoiser
+    from synthset.diffusion.generator_training import TrainingSet
+    from synthset.diffusion.rcdm import DDPM, build_denoiser, save_denoiser
+    from synthset.eval.plots import save_curves
+    from synthset.stages.generator import grid_files, train_in_stage
     from synthset.stages.prepare import load_splits
 
     stage = generator_dir(cfg)
@@ -73,31 +86,31 @@ def run_rcdm_generator(cfg: Config, embed: dict, resume: bool = True, tracker=No
     if not storage.is_local(stage.uri):
         raise ValueError("the rcdm_generator stage writes to a local output.root")
     stage.begin(cfg)
-    t0 = time.time()
     tr = cfg.synthesis.rcdm.train
-    torch.set_num_threads(max(1, tr.num_cpus))
     splits = load_splits(cfg)
     arrays = load_file(embed["embeddings"])
     positions = arrays["position"]
     if not np.array_equal(arrays["labels"], splits.private.labels[positions]):
         raise RuntimeError(f"{embed['embeddings']}: embeddings do not match the private split (rerun the embed stage)")
     x = to_unit_tensor(fit_images(splits.private.images[positions], cfg.data.image_size))
-    arch = denoiser_arch(cfg, int(arrays["embeddings"].shape[1]), len(splits.class_names), int(x.shape[1]))
+    names = splits.class_names
+    data = TrainingSet(x, torch.from_numpy(arrays["labels"].astype(np.int64)), None, len(names),
+                       torch.from_numpy(arrays["embeddings"]).float())
+    arch = denoiser_arch(cfg, int(arrays["embeddings"].shape[1]), len(names), int(x.shape[1]))
     model = build_denoiser(arch, seed=tr.seed)
     print(f"[rcdm_generator] {cfg.synthesis.rcdm.model.conditioning}-conditioned denoiser "
-          f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), {tr.steps} steps on {len(x)} images")
-    on_log = (lambda step, loss: (print(f"[rcdm_generator] step {step}/{tr.steps} loss {loss:.4f}"),
-                                  tracker.log_metrics({"rcdm_loss": loss}, step=step) if tracker else None))
-    ema, losses = train_denoiser(model, x, torch.from_numpy(arrays["labels"]),
-                                 torch.from_numpy(arrays["embeddings"]), tr.steps, tr.batch_size, tr.lr,
-                                 tr.ema_decay, tr.seed, _device(tr.use_gpu), log_every=max(1, tr.steps // 10),
-                                 on_log=on_log)
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), {tr.steps} steps of "
+          f"{tr.batch_size} on {len(x)} images, {tr.workers} worker(s) → {stage.uri}")
+    final, state, metrics, local = train_in_stage(stage, model, data, train_settings(cfg), tr, names, resume, DDPM)
     out = stage.path("model")
-    save_denoiser(ema, out, {"embeddings": embed["embeddings"], "encoder": embed["encoder"]})
-    seconds = time.time() - t0
-    summary = stage.complete({"model": out, "final_loss": float(np.mean(losses[-50:])), "seconds": seconds,
-                              "steps_per_s": tr.steps / seconds if seconds > 0 else 0.0})
-    print(f"[rcdm_generator] trained in {seconds:.0f}s (final loss {summary['final_loss']:.4f}) → {out}")
+    save_denoiser(final, out, {"embeddings": embed["embeddings"], "encoder": embed["encoder"]})
+    save_curves({"rcdm": state["losses"]}, stage.path("loss.png"), "RCDM: DDPM loss")
+    summary = stage.complete({"model": out, **metrics})
+    if tracker is not None:
+        tracker.log_stage("rcdm_generator", cfg, metrics=metrics, params=cfg.synthesis.rcdm.model_dump(mode="json"),
+                          artifacts=[stage.path("loss.png"), *grid_files(local)])
+    print(f"[rcdm_generator] {metrics['steps']} steps ({metrics['steps_per_s']:.2f} steps/s, resumed from "
+          f"{metrics['resumed_from']}), final loss {metrics['final_loss']:.4f} → {out}")
     return summary
 
 
