@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 # The method registry (methods/__init__.py): plain declarations, no torch; it names synthesis.method's
 # choices and the settings only some methods read.
-from synthset.methods import method_names, method_only_settings
+from synthset.methods import get_method, method_names, method_only_settings
 
 
 def _require_class_placeholder(v: str) -> str:
@@ -566,13 +566,18 @@ class PrivacyConfig(Section):
                           "per shadow mode).")
     shadow_modes: list[Literal["classifier", "pipeline"]] = Field(
         ["classifier"], min_length=1, description="Shadows for Student targets: 'classifier' = the target's "
-        "architecture with the Teacher's recipe on real halves (TCKR's notebook); 'pipeline' = per half: Teacher "
-        "recipe → re-label the synthetic dataset → Student recipe (the faithful attack for generators that do not "
-        "read the private data). The Teacher target always uses 'classifier'.")
+        "architecture with the Teacher's recipe on real halves (TCKR's notebook); 'pipeline' = per half: [re-adapt "
+        "and re-generate, see pipeline_generation →] Teacher recipe → label the synthetic dataset → Student recipe "
+        "(the faithful attack). The Teacher target always uses 'classifier'.")
     pipeline_labels: list[Literal["soft", "hard"]] = Field(
         ["soft", "hard"], min_length=1, description="Student label kinds attacked with 'pipeline' shadows (a hard-label "
         "Student of a generator that does not read the private data never sees it: its pipeline shadows only re-seed "
         "the Student, a chance-level check).")
+    pipeline_generation: Literal["auto", "relabel", "regenerate"] = Field(
+        "auto", description="What a 'pipeline' shadow repeats of generation on its half: 'regenerate' = re-adapt the "
+        "method's LoRAs on the half and generate a new synthetic set from them (the faithful attack on TCKR, "
+        "DataDream, LoFT); 'relabel' = re-label the target Student's own synthetic set (faithful for generators that "
+        "never read the private data); 'auto' = regenerate for a method with a LoRA adaptation, else relabel.")
     num_shadows: int = Field(16, ge=4, description="Shadow models (even); each candidate is IN for half of them.")
     num_candidates: int | None = Field(
         1000, ge=2, description="Private images whose membership is attacked. With data.splits.holdout > 0: half "
@@ -675,6 +680,10 @@ class Config(Section):
                                  f"data.channels ({self.data.channels}) (or leave it out: it follows data.channels)")
             arch = arch.model_copy(update={"image_channels": self.data.channels})
             object.__setattr__(self, "foundation", self.foundation.model_copy(update={"arch": arch}))
+        if self.privacy.pipeline_generation == "regenerate" and get_method(self.synthesis.method).lora is None:
+            raise ValueError(f"privacy.pipeline_generation: 'regenerate' re-adapts the generator's LoRAs on each "
+                             f"shadow's half, but synthesis.method={self.synthesis.method!r} adapts none (use "
+                             "'relabel' or 'auto')")
         rep = self.replication
         if rep.enabled and rep.metric == "tiled_l2" and self.data.image_size % rep.tile:
             raise ValueError(f"replication.tile ({rep.tile}) must divide data.image_size ({self.data.image_size})")
@@ -752,9 +761,22 @@ DATA_FIELDS_SINCE_SOURCES = ("path", "test_path", "split", "test_split", "test_f
                              "class_names")
 
 
+def pipeline_generation(cfg: Config) -> str:
+    """What the ``pipeline`` shadows repeat of generation (``privacy.pipeline_generation`` resolved):
+    "regenerate" for ``auto`` when the method adapts LoRAs on the private data, else "relabel"."""
+    choice = cfg.privacy.pipeline_generation
+    if choice == "auto":
+        return "regenerate" if get_method(cfg.synthesis.method).lora is not None else "relabel"
+    return choice
+
+
 def stage_hash(cfg: Config, stage: str, extra: Any = None) -> str:
     """Hash of exactly what ``stage``'s output depends on (see ``STAGE_INPUTS``)."""
     d = cfg.to_dict()
+    if "pipeline" in cfg.privacy.shadow_modes and pipeline_generation(cfg) == "regenerate":
+        d["privacy"]["pipeline_generation"] = "regenerate"  # "auto" and "regenerate" compute the same shadows
+    else:  # re-labelling pipeline shadows, or none: the hashes from before the field existed
+        d["privacy"].pop("pipeline_generation")
     if cfg.foundation.path is not None:  # a given model: its architecture/pretraining don't matter
         d["foundation"] = {"path": cfg.foundation.path}
     drop = list(EXECUTION_ONLY) + [k for k, methods in method_only_settings().items()

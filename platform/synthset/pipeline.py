@@ -20,6 +20,14 @@ from synthset.config import Config, config_hash
 from synthset.stages.common import output_root
 
 
+def check_foundation_path(path: str) -> None:
+    """``foundation.path``: a local directory must hold a diffusers pipeline; anything else is taken as a hub id."""
+    if Path(path).expanduser().exists() or path.startswith(("/", ".", "~")):
+        index = Path(path).expanduser() / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"foundation.path: {index} not found (expected a diffusers pipeline directory)")
+
+
 def validate_inputs(cfg: Config) -> list[str]:
     """Fail fast on a missing dataset or model, then run the prepare stage; return the class names.
 
@@ -31,11 +39,8 @@ def validate_inputs(cfg: Config) -> list[str]:
     from synthset.stages.prepare import load_splits, run_prepare
 
     path = cfg.foundation.path
-    # A local directory must hold a diffusers pipeline; anything else is taken as a hub id.
-    if path is not None and (Path(path).expanduser().exists() or path.startswith(("/", ".", "~"))):
-        index = Path(path).expanduser() / "model_index.json"
-        if not index.is_file():
-            raise FileNotFoundError(f"foundation.path: {index} not found (expected a diffusers pipeline directory)")
+    if path is not None:
+        check_foundation_path(path)
     if path is None and cfg.data.splits.public == 0:
         raise ValueError("data.splits.public: 0 public images, but foundation.path is not set (nothing to pretrain on)")
     generation_stages(cfg)  # the method's stages exist (a config error, before reading any data)

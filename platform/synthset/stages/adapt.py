@@ -166,12 +166,26 @@ def _training_set(cfg: Config, captions_path: str | None):
         if len(all_captions) != len(private):
             raise ValueError(f"{captions_path}: {len(all_captions)} captions for {len(private)} private images")
         captions = [all_captions[i] for i in shots]
-        prompts = [cfg.synthesis.caption_template.format(**{"class": names[c], "caption": t})
-                   for c, t in zip(labels, captions)]
-    else:
-        prompts = [cfg.synthesis.prompt_template.format(**{"class": names[c]}) for c in labels]
     images = fit_images(private.images[shots], cfg.data.image_size)
+    prompts = shot_prompts(cfg, names, labels, captions)
     return images, labels, shots, splits.private_index[shots], prompts, captions, names
+
+
+def shot_prompts(cfg: Config, class_names: list[str], labels: np.ndarray, captions: list[str] | None) -> list[str]:
+    """The training prompt of each shot (classes ``labels``): ``synthesis.caption_template`` with its caption
+    for a method that trains on captions (TCKR), else ``synthesis.prompt_template``."""
+    if method_lora(cfg).prompt == "caption":
+        if captions is None or len(captions) != len(labels):
+            raise ValueError(f"adapt: synthesis.method={cfg.synthesis.method!r} trains on caption prompts: "
+                             f"one caption per shot needed")
+        return [cfg.synthesis.caption_template.format(**{"class": class_names[c], "caption": t})
+                for c, t in zip(labels, captions)]
+    return [cfg.synthesis.prompt_template.format(**{"class": class_names[c]}) for c in labels]
+
+
+def bank_ranges(num_loras: int, per_bank: int) -> list[tuple[int, int]]:
+    """(first LoRA id, number of LoRAs) of each bank of at most ``per_bank`` (``adapt.loras_per_bank``)."""
+    return [(first, min(per_bank, num_loras - first)) for first in range(0, num_loras, per_bank)]
 
 
 def run_adapt(cfg: Config, model_path: str, captions_path: str | None = None, resume: bool = True,
@@ -191,11 +205,8 @@ def run_adapt(cfg: Config, model_path: str, captions_path: str | None = None, re
     settings = method_settings(cfg)
     per_bank = cfg.adapt.loras_per_bank
     stage.begin(cfg)
-    banks = []
-    for b, first in enumerate(range(0, num_loras, per_bank)):
-        last = min(first + per_bank, num_loras)
-        banks.append({"index": b, "first_id": first, "num_loras": last - first,
-                      "uri": stage.path("banks", f"bank-{b:04d}.safetensors")})
+    banks = [{"index": b, "first_id": first, "num_loras": n, "uri": stage.path("banks", f"bank-{b:04d}.safetensors")}
+             for b, (first, n) in enumerate(bank_ranges(num_loras, per_bank))]
     todo = [bk for bk in banks if not (resume and storage.exists(bk["uri"]))]
     print(f"[adapt] {method}: {num_loras} LoRA(s) of rank {settings['rank']} on the "
           f"{settings['target_preset'] or 'listed'} modules, {len(images)} private images, {cfg.adapt.steps} steps, "

@@ -17,14 +17,20 @@ Shadow modes (``privacy.shadow_modes``), one shadow set each:
   *target's* architecture (``shadow_recipe``) — TCKR's notebook attacks a Student with shadows of
   the Student architecture trained on real data. When Student and Teacher share the architecture,
   Teacher and Students share one set.
-* ``pipeline`` (``train_shadow_pipeline``), Students only: per half, the Teacher recipe on the half →
-  re-label the Student's synthetic training set with that shadow Teacher → the Student recipe on it
-  (soft labels; for hard labels the Teacher does not enter, only the Student's training is repeated).
-  This is the faithful attack when the generator does not read the private data (ClassPrompt). For a
-  LoRA method (TCKR, DataDream, LoFT) the generator itself was adapted to the private data, and the
-  faithful attack would also re-adapt and re-generate per half (``pipeline.run_generation`` on a
-  config whose private split is the half): the re-labelling version here measures the leakage through
-  the Teacher's labels only.
+* ``pipeline``, Students only: per half, the pipeline from the private data to the Student, as far as
+  it reads the private data; what it repeats of generation is ``privacy.pipeline_generation``
+  (``config.pipeline_generation``; ``auto`` picks by the method):
+
+  - ``relabel`` (``train_shadow_pipeline``; set ``pipeline-<labels>``): the Teacher recipe on the half →
+    re-label the Student's own synthetic training set with that shadow Teacher → the Student recipe on
+    it (soft labels; for hard labels only the Student's training is repeated). The faithful attack when
+    the generator never reads the private data (ClassPrompt, ``auto``'s choice for methods without LoRAs).
+  - ``regenerate`` (``train_shadow_regenerate``; set ``pipeline-regenerate-<labels>``): a LoRA method
+    (TCKR, DataDream, LoFT) adapted its generator to the private data, so the shadow first re-adapts
+    the LoRAs on the half and generates a new set of ``synthesis.images_per_class`` per class from them
+    (``eval/shadow_generation.py``), then the Teacher and Student recipes as above: the faithful attack,
+    ``auto``'s choice for LoRA methods. It needs the foundation model the adapt stage started from
+    (``foundation.path`` or the foundation stage's output), checked before any shadow trains.
 
 Targets (``run_lira``): the pipeline's Teacher and every Student, queried on the same candidates,
 scored by ``score_target`` (online: IN and OUT Gaussians, offline: OUT only; each with per-example and
@@ -150,6 +156,58 @@ def train_shadow_pipeline(cfg: Config, privacy: PrivacyConfig, train_index: np.n
                                   f"shadow-{shadow_id:03d}", _device(privacy))
 
 
+def train_shadow_regenerate(cfg: Config, privacy: PrivacyConfig, train_index: np.ndarray, query_index: np.ndarray,
+                            shadow_id: int, seed: int, *, labels: str) -> np.ndarray:
+    """The faithful ``pipeline`` shadow of a LoRA method's Student: re-adapt and re-generate on the half.
+
+    ``regenerate_synthetic_set`` adapts ``synthesis.method``'s LoRAs on pool[train_index] and generates
+    ``synthesis.images_per_class`` per class (as many as the target Student's set before the replication
+    gate) with seeds from ``seed``; ``pipeline_shadow_logits`` then runs the Teacher and Student recipes
+    as in ``train_shadow_pipeline``. ``functools.partial(train_shadow_regenerate, labels=...)`` is a
+    ``ShadowTrainer``.
+    """
+    import torch
+
+    from synthset.data.splits import to_unit_tensor
+    from synthset.eval.shadow_generation import regenerate_synthetic_set
+    from synthset.stages.foundation import foundation_model_path
+
+    images, pool_labels, _, names = candidate_pool(cfg)
+    device = _device(privacy)
+    xs, ys = regenerate_synthetic_set(cfg, foundation_model_path(cfg), images[train_index], pool_labels[train_index],
+                                      names, seed, cfg.synthesis.images_per_class, device)
+    x_all, y_all = to_unit_tensor(images), torch.from_numpy(pool_labels)
+    return pipeline_shadow_logits(cfg.teacher, cfg.student, cfg.student.temperature, len(names),
+                                  x_all[train_index], y_all[train_index], xs, ys, x_all[query_index], labels, seed,
+                                  privacy.query_shift, privacy.query_flip, cfg.label.batch_size,
+                                  f"shadow-{shadow_id:03d}", device)
+
+
+def check_regenerate_inputs(cfg: Config) -> None:
+    """Before any shadow trains: what ``regenerate`` shadows adapt from exists (the method's LoRAs are checked
+    when the config loads). The foundation model is ``foundation.path`` or the foundation stage's output; every
+    shadow's half holds ``adapt.shots_per_class`` images of each class (``select_shots`` draws from the half)."""
+    from synthset.pipeline import check_foundation_path
+    from synthset.stages.foundation import foundation_dir
+
+    if cfg.foundation.path is not None:
+        check_foundation_path(cfg.foundation.path)
+    elif not foundation_dir(cfg).is_complete():
+        raise ValueError(f"privacy.pipeline_generation: regenerate shadows re-adapt the foundation model, but "
+                         f"foundation.path is not set and the foundation stage has no model at "
+                         f"{foundation_dir(cfg).uri} (run jobs/pipeline.py first or set foundation.path)")
+    _, labels, num_private, names = candidate_pool(cfg)
+    privacy, k = cfg.privacy, cfg.adapt.shots_per_class or 1
+    candidates = draw_candidates(num_private, privacy, len(labels) - num_private)
+    keep = keep_matrix(privacy.num_shadows, len(candidates), privacy.seed)
+    for s in range(privacy.num_shadows):
+        counts = np.bincount(labels[shadow_train_index(num_private, candidates, keep[s])], minlength=len(names))
+        if counts.min() < k:
+            raise ValueError(f"adapt.shots_per_class={cfg.adapt.shots_per_class}: regenerate shadows choose the shots "
+                             f"from their half of the pool, and shadow {s}'s half has {counts.min()} images of "
+                             f"{names[int(counts.argmin())]!r} (lower it or set it to null: every image of the half)")
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
@@ -220,8 +278,9 @@ def _shadow_accuracy(stage: StageDir, num_shadows: int) -> dict:
 
 @dataclass(frozen=True)
 class ShadowSet:
-    """One set of shadow models: ``mode`` (its directory: classifier, pipeline-soft or pipeline-hard),
-    ``stage`` (where it lives), ``cfg`` (whose ``teacher`` is the set's recipe) and ``trainer`` (per shadow)."""
+    """One set of shadow models: ``mode`` (its directory: classifier, pipeline-<labels> or
+    pipeline-regenerate-<labels>), ``stage`` (where it lives), ``cfg`` (whose ``teacher`` is the set's
+    recipe) and ``trainer`` (per shadow)."""
 
     mode: str
     stage: StageDir
@@ -330,12 +389,17 @@ def target_shadow_sets(cfg: Config, targets: dict[str, dict]) -> list[Attack]:
     ``targets``: name → {"recipe": ClassifierConfig of the target, and for Students "labels"
     ("soft"/"hard") and "dataset" (the Student's synthetic training set)}. The Teacher is attacked
     with ``classifier`` shadows; a Student with every mode in ``privacy.shadow_modes`` (``pipeline``
-    only for label kinds in ``privacy.pipeline_labels``). A pipeline set is named by the Student's
-    stage hash and the identity of the dataset it re-labels (manifest hash, size, shard sha256s).
+    only for label kinds in ``privacy.pipeline_labels``). A re-labelling pipeline set is named by the
+    Student's stage hash and the identity of the dataset it re-labels (manifest hash, size, shard
+    sha256s); a regenerating one (``pipeline-regenerate-<labels>``) by the Student's stage hash, which
+    holds every setting of adaptation and generation. What regenerating needs is checked here, before
+    any shadow trains (and only when a Student is attacked: the Teacher's LiRA runs ahead of generation).
     """
+    from synthset.config import pipeline_generation
     from synthset.data.shards import read_manifest
 
     privacy, out = cfg.privacy, []
+    regenerate = pipeline_generation(cfg) == "regenerate"
     for name, t in targets.items():
         labels = t.get("labels")
         modes = ["classifier"] if labels is None else [
@@ -343,6 +407,12 @@ def target_shadow_sets(cfg: Config, targets: dict[str, dict]) -> list[Attack]:
         for mode in modes:
             if mode == "classifier":
                 shadows = classifier_shadow_set(cfg, privacy, t["recipe"])
+            elif regenerate:
+                check_regenerate_inputs(cfg)
+                mode_dir = f"pipeline-regenerate-{labels}"
+                extra = {"student": stage_hash(without_training_seeds(cfg), "student", labels)}
+                trainer = functools.partial(train_shadow_regenerate, labels=labels)
+                shadows = ShadowSet(mode_dir, shadow_dir(cfg, privacy, mode_dir, extra), cfg, trainer)
             else:
                 manifest = read_manifest(t["dataset"])
                 extra = {"student": stage_hash(without_training_seeds(cfg), "student", labels),
