@@ -83,3 +83,55 @@ def test_production_shaped_rgb_pipeline_loaded_by_path_at_64px(tmp_path):
     assert sample["image"].shape == (64, 64, 3) and sample["soft"].shape == (3,)
     meta = json.loads(next((root / "teacher").glob("*/classifier.json")).read_text())
     assert meta["in_channels"] == 3
+
+
+def _rgb_synthetic_samples(root, method):
+    from synthset.data.shards import iter_shard, read_manifest
+
+    dataset = next(p for p in (root / "synthesis").glob("*/data") if read_manifest(str(p))["method"] == method)
+    manifest = read_manifest(str(dataset))
+    return [s for e in manifest["shards"] for s in iter_shard(str(dataset / e["shard"]))]
+
+
+def test_casd_trains_its_own_rgb_generator_on_an_image_folder(tmp_path):
+    """CASD (source-labelled pixel EDM model) on a user's RGB folder: a ClassPrompt pool generated first,
+    the generator trained on 30 private images and the pool, RGB images sampled at source 0."""
+    folder = make_rgb_folder(tmp_path / "my_images", per_class=35, seed=2)
+    root = tmp_path / "run"
+    out = run_pipeline(root, folder, "synthesis.method=casd", "synthesis.num_inference_steps=2",
+                       "synthesis.guidance_scale=1.0", "synthesis.casd.real_images=30",
+                       "synthesis.casd.pool.method=class_prompt", "synthesis.casd.pool.images_per_class=2",
+                       "synthesis.casd.pool.num_inference_steps=2", "synthesis.casd.model.channels=[8,16]",
+                       "synthesis.casd.model.attention_levels=[1]", "synthesis.casd.train.steps=3",
+                       "synthesis.casd.train.batch_size=4", "synthesis.casd.train.cpus_per_worker=1",
+                       "student.labels=[soft]", "evaluate.enabled=false", "replication.enabled=false")
+    assert "=== synthset pipeline summary ===" in out
+    generator = next((root / "generator").iterdir())
+    summary = json.loads((generator / "_SUCCESS.json").read_text())
+    assert summary["real_images"] == 30 and summary["pool_images"] == 6  # 3 classes x 2
+    net = json.loads((generator / "model" / "config.json").read_text())
+    assert net["in_channels"] == 3 and net["num_classes"] == 3 and net["num_sources"] == 2
+    samples = _rgb_synthetic_samples(root, "casd")
+    assert len(samples) == 12 and all(s["image"].shape == (32, 32, 3) and s["meta"]["source"] == 0 for s in samples)
+
+
+def test_rcdm_trains_on_an_rgb_image_folder_and_filters_by_embedding(tmp_path):
+    """RCDM on a user's RGB folder: the public-split encoder, the embedding-conditioned denoiser on Ray
+    Train, RGB samples, and the centroid-band filter keeping the middle half of each class."""
+    folder = make_rgb_folder(tmp_path / "my_images", per_class=35, seed=3)
+    root = tmp_path / "run"
+    out = run_pipeline(root, folder, "synthesis.method=rcdm", "synthesis.images_per_class=8",
+                       "synthesis.num_inference_steps=3", "synthesis.batch_size=8", "synthesis.rcdm.sampler=ddim",
+                       "synthesis.rcdm.embed.real_images=30", "synthesis.rcdm.embed.public_epochs=1",
+                       "synthesis.rcdm.embed.public_width=4", "synthesis.rcdm.model.channels=[8,16]",
+                       "synthesis.rcdm.train.steps=4", "synthesis.rcdm.train.batch_size=8",
+                       "synthesis.rcdm.train.cpus_per_worker=1", "synthesis.rcdm.filter.enabled=true",
+                       "synthesis.rcdm.filter.low=0.25", "synthesis.rcdm.filter.high=0.75",
+                       "evaluate.enabled=false", "replication.enabled=false", "student.labels=[hard]")
+    assert "=== synthset pipeline summary ===" in out
+    samples = _rgb_synthetic_samples(root, "rcdm")
+    assert len(samples) == 24 and all(s["image"].shape == (32, 32, 3) for s in samples)
+    filtered = json.loads(next((root / "rcdm_filter").glob("*/data/manifest.json")).read_text())
+    assert (filtered["filter"]["generated"], filtered["filter"]["kept"]) == (24, 12)
+    summary = json.loads(next(root.glob("summary-*.json")).read_text())
+    assert summary["method"] == "rcdm" and 0 <= summary["student_hard_accuracy"] <= 1
