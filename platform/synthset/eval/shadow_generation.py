@@ -55,8 +55,8 @@ def adapt_on_half(cfg: Config, model_path: str, images: np.ndarray, labels: np.n
     import torch
 
     from synthset.lora.bank import load_bank, merge_banks, save_bank
-    from synthset.stages.adapt import (bank_ranges, lora_table, method_lora, method_settings, select_shots,
-                                       shot_prompts, train_bank)
+    from synthset.stages.adapt import (bank_inputs, bank_ranges, lora_table, method_lora, method_settings,
+                                       select_shots, shot_prompts, train_bank)
 
     lora = method_lora(cfg)
     adapt = cfg.adapt.model_copy(update={"seed": adapt_seed(seed), "use_gpu": device == "cuda",
@@ -75,10 +75,9 @@ def adapt_on_half(cfg: Config, model_path: str, images: np.ndarray, labels: np.n
     settings = method_settings(cfg)
     banks = []
     for b, (first, n) in enumerate(bank_ranges(num_loras, adapt.loras_per_bank)):
-        members = np.flatnonzero((owner >= first) & (owner < first + n))
         uri = os.path.join(out_dir, f"bank-{b:04d}.safetensors")
-        train_bank(model_path, shot_images[members], [prompts[i] for i in members], owner[members] - first, first, n,
-                   settings, adapt.model_dump(mode="json"), uri)
+        train_bank(model_path, *bank_inputs(shot_images, prompts, owner, first, n), first, n, settings,
+                   adapt.model_dump(mode="json"), uri)
         banks.append(uri)
     loras, table = os.path.join(out_dir, "loras.safetensors"), os.path.join(out_dir, "loras.json")
     save_bank(loras, merge_banks([load_bank(u) for u in banks]), {"method": cfg.synthesis.method})

@@ -188,6 +188,13 @@ def bank_ranges(num_loras: int, per_bank: int) -> list[tuple[int, int]]:
     return [(first, min(per_bank, num_loras - first)) for first in range(0, num_loras, per_bank)]
 
 
+def bank_inputs(images: np.ndarray, prompts: list[str], owner: np.ndarray, first: int, n: int):
+    """The shots of the bank holding LoRAs ``first`` … ``first + n - 1``: (images, prompts, owner within the bank),
+    ``train_bank``'s first three data arguments."""
+    members = np.flatnonzero((owner >= first) & (owner < first + n))
+    return images[members], [prompts[i] for i in members], owner[members] - first
+
+
 def run_adapt(cfg: Config, model_path: str, captions_path: str | None = None, resume: bool = True,
               tracker=None) -> dict:
     """Train the method's LoRAs; returns the summary with ``loras`` (merged bank) and ``table``."""
@@ -224,13 +231,12 @@ def run_adapt(cfg: Config, model_path: str, captions_path: str | None = None, re
         results.append(train_bank_data_parallel(cfg, stage, bank))
         todo = []
     for bk in todo:
-        members = np.flatnonzero((owner >= bk["first_id"]) & (owner < bk["first_id"] + bk["num_loras"]))
         if len(pending) >= cfg.adapt.workers:  # bounded: at most `workers` banks in flight
             done, pending = ray.wait(pending, num_returns=1)
             results += ray.get(done)
             progress.update(1)
-        pending.append(remote.remote(model_path, images[members], [prompts[i] for i in members],
-                                     owner[members] - bk["first_id"], bk["first_id"], bk["num_loras"], settings,
+        pending.append(remote.remote(model_path, *bank_inputs(images, prompts, owner, bk["first_id"], bk["num_loras"]),
+                                     bk["first_id"], bk["num_loras"], settings,
                                      cfg.adapt.model_dump(mode="json"), bk["uri"]))
     for r in ray.get(pending):
         results.append(r)
