@@ -14,6 +14,7 @@ VAE that was never pretrained with a UNet. No UNet is trained.
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,8 @@ def main() -> None:
     args = parser.parse_args()
     for spec in args.variant:
         name, _, sets = spec.partition(":")
-        overrides = [*args.overrides, *[s for s in sets.split(",") if s], f"student.seed={args.seed}"]
+        # split on the commas that start a new key=, so list values such as vae_channels=[16,32] survive
+        overrides = [*args.overrides, *[s for s in re.split(r",(?=[\w.]+=)", sets) if s], f"student.seed={args.seed}"]
         cfg = load_config(args.config, overrides)
         t0 = time.time()
         vae = train_variant_vae(cfg)
