@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import numpy as np  # noqa: E402
 from method_quality import real_run  # noqa: E402
 
 from synthset.config import load_config  # noqa: E402
@@ -47,12 +48,25 @@ def train_variant_vae(cfg):
     return vae.eval()
 
 
+def roundtrip_psnr(cfg, vae, n: int = 1000) -> float:
+    """PSNR (dB, 8-bit) of the first ``n`` private images after an encode → posterior mean → decode round trip."""
+    from method_quality import vae_roundtrip
+
+    from synthset.data.splits import fit_images, make_splits
+
+    images = fit_images(make_splits(cfg.data).private.images[:n], cfg.data.image_size)
+    mse = np.mean((vae_roundtrip(cfg, images, vae).astype(np.float64) - images.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="conf/quickstart.yaml")
     parser.add_argument("--images-per-class", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variant", action="append", required=True, help="name:key=value[,key=value]")
+    parser.add_argument("--variant", action="append", required=True,
+                        help="name:key=value[,key=value]; name 'foundation' with no overrides measures the config's "
+                             "own pretrained foundation VAE (no training)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every variant")
     args = parser.parse_args()
     for spec in args.variant:
@@ -61,10 +75,19 @@ def main() -> None:
         overrides = [*args.overrides, *[s for s in re.split(r",(?=[\w.]+=)", sets) if s], f"student.seed={args.seed}"]
         cfg = load_config(args.config, overrides)
         t0 = time.time()
-        vae = train_variant_vae(cfg)
+        if name == "foundation" and not sets:
+            from synthset.models.foundation import load_foundation
+            from synthset.stages.foundation import foundation_model_path
+
+            vae = load_foundation(foundation_model_path(cfg)).vae.eval()
+        else:
+            vae = train_variant_vae(cfg)
         vae_s = time.time() - t0
-        row = real_run(cfg, args.images_per_class, args.seed, through_vae=True, vae=vae, vae_id=name)
-        print(json.dumps({**row, "variant": name, "overrides": overrides, "vae_train_s": round(vae_s)}), flush=True)
+        psnr = roundtrip_psnr(cfg, vae)
+        row = real_run(cfg, args.images_per_class, args.seed, through_vae=True,
+                       **({} if name == "foundation" and not sets else {"vae": vae, "vae_id": name}))
+        print(json.dumps({**row, "variant": name, "overrides": overrides, "vae_train_s": round(vae_s),
+                          "roundtrip_psnr_db": round(psnr, 2)}), flush=True)
 
 
 if __name__ == "__main__":
