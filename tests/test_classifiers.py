@@ -54,3 +54,40 @@ def test_cnn_learns_digits():
                    cfg.weight_decay, soft=False, temperature=1.0, augment=False, seed=0)
     probs = predict_proba(model, to_unit_tensor(fit_images(splits.test.images, 16)))
     assert (probs.argmax(1) == splits.test.labels).mean() > 0.8
+
+
+def test_input_blur_is_part_of_the_model_and_survives_save_and_load(tmp_path):
+    from synthset.models.classifiers import InputBlur
+
+    cfg = ClassifierConfig(arch="cnn", width=8, input_blur=1.0)
+    model = build_classifier(cfg, 10).eval()
+    assert isinstance(model, InputBlur)
+    # The kernel sums to one and pads with the edge: a constant image passes unchanged (float32 sums of 7 taps).
+    flat = torch.full((2, 1, 32, 32), 0.3)
+    torch.testing.assert_close(model.blur(flat), flat, rtol=0, atol=1e-6)
+    # A ±1 checkerboard (the highest frequency) is removed almost entirely at σ = 1: its gain there is
+    # (Σ_k (-1)^k g_k)² ≈ 0.0167 per pixel in 2-D, so |x| drops from 1 to ~0.02; no blur keeps 1.
+    i = torch.arange(32)
+    checker = ((i[:, None] + i[None, :]) % 2 * 2 - 1).float().expand(1, 1, 32, 32)
+    inner = model.blur(checker)[..., 8:24, 8:24].abs().max().item()
+    assert inner < 0.05
+    # Training and test go through the same filter: the logits are the backbone's on the blurred input.
+    x = torch.randn(3, 1, 32, 32)
+    torch.testing.assert_close(model(x), model.model(model.blur(x)))
+    save_classifier(model, tmp_path, cfg, 10, 1)
+    assert "kernel" not in " ".join(__import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        str(tmp_path / "model.safetensors")))
+    torch.testing.assert_close(load_classifier(tmp_path)(x), model(x))
+
+
+def test_input_blur_enters_the_student_hash_only_when_set():
+    from pathlib import Path
+
+    from synthset.config import load_config, stage_hash
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "quickstart.yaml"
+    base = load_config(conf)
+    blurred = load_config(conf, ["student.input_blur=1.0"])
+    assert stage_hash(blurred, "student") != stage_hash(base, "student")
+    assert stage_hash(blurred, "teacher") == stage_hash(base, "teacher")
+    assert stage_hash(load_config(conf, ["teacher.input_blur=0.5"]), "teacher") != stage_hash(base, "teacher")

@@ -541,6 +541,10 @@ class ClassifierConfig(Section):
     lr: float = Field(2e-3, gt=0, le=1)
     weight_decay: float = Field(5e-4, ge=0)
     augment: bool = True
+    input_blur: float | None = Field(
+        None, gt=0, le=4, description="σ (pixels) of a fixed Gaussian low-pass the model applies to every input, in "
+        "training and at test: a Student trained on images decoded through a small VAE (softer than real photos) then "
+        "sees real test images as soft as its training data. null: none.")
     seed: int = Field(0, ge=0)
     in_memory_limit: int = Field(200_000, ge=0, description="Synthetic datasets up to this size are decoded once "
                                  "into memory; larger ones stream from the shards every epoch.")
@@ -785,6 +789,8 @@ def stage_hash(cfg: Config, stage: str, extra: Any = None) -> str:
         drop.append("data.splits.holdout")
     # Likewise the data fields added with the own-data sources: at their defaults they change nothing.
     drop += [f"data.{k}" for k in DATA_FIELDS_SINCE_SOURCES if getattr(cfg.data, k) == DataConfig.model_fields[k].default]
+    # Classifier fields added later: at their defaults they change nothing.
+    drop += [f"{role}.input_blur" for role in ("teacher", "student") if getattr(cfg, role).input_blur is None]
     if stage == "synthesis":
         drop.insert(0, "synthesis.rcdm.filter")  # RCDM filters after synthesis (stage rcdm_filter)
     if stage == "prepare":

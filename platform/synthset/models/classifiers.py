@@ -9,9 +9,11 @@ and loaded as safetensors only (``save_classifier`` / ``load_classifier``).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from synthset.config import ClassifierConfig
@@ -58,7 +60,38 @@ class HFResNet(nn.Module):
         return self.model(pixel_values=x).logits
 
 
+class InputBlur(nn.Module):
+    """A fixed, separable Gaussian low-pass (σ pixels, edge padding) in front of ``model``: part of the model, so
+    it filters training and test images alike. Its kernel is rebuilt from the config, not stored with the weights."""
+
+    def __init__(self, model: nn.Module, sigma: float, channels: int):
+        super().__init__()
+        self.model, self.channels = model, channels
+        radius = max(1, int(math.ceil(3 * sigma)))
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+        self.register_buffer("kernel", (kernel / kernel.sum()).view(1, 1, 1, -1).repeat(channels, 1, 1, 1),
+                             persistent=False)
+
+    def blur(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.kernel.shape[-1] // 2
+        k = self.kernel.to(x.dtype)
+        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k, groups=self.channels)
+        return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.transpose(-1, -2), groups=self.channels)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(self.blur(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.blur(x))
+
+
 def build_classifier(cfg: ClassifierConfig, num_classes: int, in_channels: int = 1) -> nn.Module:
+    model = _build_backbone(cfg, num_classes, in_channels)
+    return InputBlur(model, cfg.input_blur, in_channels) if cfg.input_blur else model
+
+
+def _build_backbone(cfg: ClassifierConfig, num_classes: int, in_channels: int) -> nn.Module:
     torch.manual_seed(cfg.seed)
     if cfg.arch == "cnn":
         return SmallCNN(num_classes, in_channels, cfg.width)
