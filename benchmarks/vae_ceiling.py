@@ -74,8 +74,9 @@ def main() -> None:
         # split on the commas that start a new key=, so list values such as vae_channels=[16,32] survive
         overrides = [*args.overrides, *[s for s in re.split(r",(?=[\w.]+=)", sets) if s], f"student.seed={args.seed}"]
         cfg = load_config(args.config, overrides)
+        own = name == "foundation" and not sets  # the config's pretrained VAE: nothing to train
         t0 = time.time()
-        if name == "foundation" and not sets:
+        if own:
             from synthset.models.foundation import load_foundation
             from synthset.stages.foundation import foundation_model_path
 
@@ -85,7 +86,7 @@ def main() -> None:
         vae_s = time.time() - t0
         psnr = roundtrip_psnr(cfg, vae)
         row = real_run(cfg, args.images_per_class, args.seed, through_vae=True,
-                       **({} if name == "foundation" and not sets else {"vae": vae, "vae_id": name}))
+                       **({} if own else {"vae": vae, "vae_id": name}))
         print(json.dumps({**row, "variant": name, "overrides": overrides, "vae_train_s": round(vae_s),
                           "roundtrip_psnr_db": round(psnr, 2)}), flush=True)
 
