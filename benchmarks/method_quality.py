@@ -11,6 +11,8 @@ Each run: [caption] → [adapt] → generate → Teacher soft labels → Student
 the config's recipe) → accuracy on the real test set (CAS). The ``real`` row trains the same
 Student recipe on the same number of *real* private images (seeded per class; soft labels from
 the Teacher, hard labels the true ones): the ceiling a generator could reach at this cardinality.
+Its "Teacher agrees" is the Teacher's accuracy on those images as the Student sees them (after the
+VAE round trip for ``real-vae``).
 
 Prints one row per variant, mean ± standard error over the seeds, and writes ``--json``
 (per variant: images, seeds, student_soft_mean/se, student_hard_mean/se, and every run).
@@ -117,7 +119,7 @@ def real_run(cfg: Config, per_class: int, seed: int, through_vae: bool = False, 
     import torch
 
     from synthset import storage
-    from synthset.data.shards import image_to_tensor, write_manifest, write_shard
+    from synthset.data.shards import image_to_tensor, iter_shard, shard_paths, write_manifest, write_shard
     from synthset.data.splits import fit_images, make_splits
     from synthset.models.classifiers import load_classifier
     from synthset.models.training import predict_proba
@@ -151,8 +153,11 @@ def real_run(cfg: Config, per_class: int, seed: int, through_vae: bool = False, 
                        for j, p in zip(range(lo, min(lo + size, len(images))), picked[lo:lo + size])]
             stats.append(write_shard(dataset, i, samples))
         write_manifest(dataset, {"class_names": names, "method": "real", "generator": None}, stats)
+    # The Teacher's argmax against the true label, over the images as the Student sees them (after the
+    # round trip for real-vae): how much of the soft labels' signal is right.
+    right = [int(np.argmax(s["soft"]) == s["cls"]) for path in shard_paths(dataset) for s in iter_shard(path, False)]
     row = {"images": len(picked), "method": ("real-vae" + (f"-{vae_id}" if vae_id else "")) if through_vae else "real",
-           "teacher": teacher["test_accuracy"]}
+           "teacher": teacher["test_accuracy"], "teacher_agreement": float(np.mean(right))}
     for labels in cfg.student.labels:  # cfg.student.seed is the run's seed (seed_overrides)
         stage_hash = config_hash({"dataset": key, "student": cfg.student.model_dump(mode="json"), "labels": labels})
         name = f"student-{row['method']}-{labels}"

@@ -85,8 +85,9 @@ def test_input_blur_enters_the_student_hash_only_when_set():
 
     from synthset.config import load_config, stage_hash
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "quickstart.yaml"
+    conf = Path(__file__).resolve().parents[1] / "conf" / "tiny.yaml"  # no input_blur: the hashes' default
     base = load_config(conf)
+    assert base.teacher.input_blur is None and base.student.input_blur is None
     blurred = load_config(conf, ["student.input_blur=1.0"])
     assert stage_hash(blurred, "student") != stage_hash(base, "student")
     assert stage_hash(blurred, "teacher") == stage_hash(base, "teacher")
