@@ -44,7 +44,7 @@ def test_confusion_and_report():
     assert rep["accuracy"] == 0.75 and rep["per_class_accuracy"] == {"a": 0.5, "b": 1.0, "c": 1.0}
 
 
-def test_cnn_learns_digits():
+def test_cnn_learns_digits(tmp_path):
     splits = make_splits(DataConfig(source="digits", image_size=16, splits={"public": 0, "private": 1200}))
     x = to_unit_tensor(fit_images(splits.private.images, 16))
     y = torch.from_numpy(splits.private.labels)
@@ -54,6 +54,9 @@ def test_cnn_learns_digits():
                    cfg.weight_decay, soft=False, temperature=1.0, augment=False, seed=0)
     probs = predict_proba(model, to_unit_tensor(fit_images(splits.test.images, 16)))
     assert (probs.argmax(1) == splits.test.labels).mean() > 0.8
+    # It trains in channels_last and hands the model back in NCHW, so safetensors can save it.
+    assert all(p.is_contiguous() for p in model.parameters())
+    save_classifier(model, tmp_path, cfg, 10, 1)
 
 
 def test_input_blur_is_part_of_the_model_and_survives_save_and_load(tmp_path):

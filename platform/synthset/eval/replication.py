@@ -102,9 +102,11 @@ def nearest_tiled_l2(queries: np.ndarray, reference: np.ndarray, tile: int, redu
         run_d = torch.full((q1 - q0,), float("inf"), device=device)
         run_i = torch.zeros(q1 - q0, dtype=torch.long, device=device)
         for r0, r1 in _blocks(ref.shape[1], chunk):
-            sq = q_sq[:, :, None] + ref_sq[:, None, r0:r1] - 2 * torch.bmm(q, ref[:, r0:r1].transpose(1, 2))
-            per_tile = sq.clamp_min(0).div(dim).sqrt()  # (T, m, n) RMS per tile
-            d = per_tile.amax(0) if reduce == "max" else per_tile.mean(0)
+            sq = torch.baddbmm(q_sq[:, :, None] + ref_sq[:, None, r0:r1], q, ref[:, r0:r1].transpose(1, 2), alpha=-2)
+            if reduce == "max":  # clamp, /dim and sqrt are monotonic: take the max first, on one (m, n) matrix
+                d = sq.amax(0).clamp_min_(0).div_(dim).sqrt_()
+            else:
+                d = sq.clamp_min_(0).div_(dim).sqrt_().mean(0)  # mean of the per-tile RMS
             if exclude_self:
                 rows = torch.arange(q0, q1, device=device)
                 hit = (rows >= r0) & (rows < r1)
