@@ -113,3 +113,11 @@ def test_source_fields_at_their_defaults_keep_the_stage_hashes():
     for stage in ("foundation", "teacher", "synthesis"):
         assert stage_hash(same, stage) == stage_hash(base, stage)
         assert stage_hash(rgb, stage) != stage_hash(base, stage)
+
+
+def test_privacy_config_reuses_the_quickstart_foundation():
+    """conf/privacy.yaml loads the quickstart's pretrained model by path: the path must follow its recipe."""
+    quickstart = load_config(ROOT / "conf" / "quickstart.yaml")
+    privacy = load_config(ROOT / "conf" / "privacy.yaml")
+    assert privacy.data.splits.public == quickstart.data.splits.public
+    assert privacy.foundation.path == f"runs/quickstart/foundation/{stage_hash(quickstart, 'foundation')}/model"
