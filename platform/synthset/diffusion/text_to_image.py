@@ -46,7 +46,8 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float,
     for idx in _batches(len(images), min(batch_size, len(images)), steps, g):
         x = images[idx]
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        # Drawn on the CPU generator and moved: the same draws on any device (a GPU run crashed without the move).
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(x.device)
         recon = vae.decode(z).sample
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -75,7 +76,7 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 
 def min_snr_weights(noise_scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """Per-sample loss weights min(SNR, γ)/SNR for ε-prediction (Min-SNR-γ, Hang et al. 2023, Eq. 6)."""
-    alpha_bar = noise_scheduler.alphas_cumprod[t]
+    alpha_bar = noise_scheduler.alphas_cumprod.to(t.device)[t]
     snr = alpha_bar / (1 - alpha_bar)
     return torch.clamp(snr, max=gamma) / snr
 
@@ -155,15 +156,15 @@ def train_unet(unet, text_encoder, tokenizer, noise_scheduler, latents: torch.Te
     prompt_index = torch.tensor([position[p] for p in prompts])
     caption_index = torch.tensor([position[p] for p in captioned_prompts]) if captioned_prompts is not None else None
     ids_all = tokenizer(vocab, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+                        truncation=True, return_tensors="pt").input_ids.to(text_encoder.device)
     empty = position[""]
     n_t = noise_scheduler.config.num_train_timesteps
     losses, progress = [], Progress("unet", steps, "steps", every=progress_every)
     for idx in _batches(len(latents), min(batch_size, len(latents)), steps, g):
         x0 = latents[idx]
         p = choose_prompts(idx, prompt_index, caption_index, caption_probability, prompt_dropout, empty, g)
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, n_t, (len(idx),), generator=g)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
+        t = torch.randint(0, n_t, (len(idx),), generator=g).to(x0.device)
         xt = noise_scheduler.add_noise(x0, noise, t).contiguous(memory_format=torch.channels_last)
         context = text_encoder(ids_all[p])[0]
         pred = unet(xt, t, encoder_hidden_states=context).sample
