@@ -23,11 +23,15 @@ from synthset.methods.class_prompt import plan_requests  # noqa: E402
 from synthset.models.foundation import build_foundation  # noqa: E402
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
+def timed(fn, repeats: int, autocast: bool = False) -> float:
+    def call():
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=autocast):
+            fn()
+
+    call()  # warm-up
     t0 = time.perf_counter()
     for _ in range(repeats):
-        fn()
+        call()
     return (time.perf_counter() - t0) / repeats
 
 
@@ -36,10 +40,13 @@ def main() -> None:
     parser.add_argument("--config", default="conf/quickstart.yaml")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                        help="bf16: every timed call under torch.autocast(bfloat16) on this device (CPUs with AVX512-BF16/AMX)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
+    bf16 = args.autocast == "bf16"
     arch, pre, syn = cfg.foundation.arch, cfg.foundation.pretrain, cfg.synthesis
     pipe = build_foundation(arch)
     vae, unet, te = pipe.vae, pipe.unet, pipe.text_encoder
@@ -69,16 +76,17 @@ def main() -> None:
 
     with torch.no_grad():
         ctx = te(ids)[0]
-        fwd = timed(lambda: unet(z, t, encoder_hidden_states=ctx), args.repeats)
+        fwd = timed(lambda: unet(z, t, encoder_hidden_states=ctx), args.repeats, bf16)
     requests = plan_requests(0, syn.batch_size, 0, [f"c{i}" for i in range(10)], syn.prompt_template)
-    gen = timed(lambda: generate_batch(pipe, requests, syn.num_inference_steps, syn.guidance_scale), 2)
+    gen = timed(lambda: generate_batch(pipe, requests, syn.num_inference_steps, syn.guidance_scale), 2, bf16)
     result = {
         "config": args.config, "overrides": args.overrides, "threads": args.threads,
         "params_M": {"vae": sum(p.numel() for p in vae.parameters()) / 1e6,
                      "unet": sum(p.numel() for p in unet.parameters()) / 1e6,
                      "text_encoder": sum(p.numel() for p in te.parameters()) / 1e6},
-        "vae_train_steps_per_s": 1 / timed(vae_step, args.repeats),
-        "unet_train_steps_per_s": 1 / timed(unet_step, args.repeats),
+        "autocast": args.autocast, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "vae_train_steps_per_s": 1 / timed(vae_step, args.repeats, bf16),
+        "unet_train_steps_per_s": 1 / timed(unet_step, args.repeats, bf16),
         "unet_forward_image_steps_per_s": pre.batch_size / fwd,
         "generate_images_per_s": syn.batch_size / gen,
         "batch": {"vae": pre.vae_batch_size, "unet": pre.batch_size, "generate": syn.batch_size},
