@@ -9,7 +9,8 @@ the embedded model; with classifier-free guidance every step runs the UNet on tw
 The measured anchor is this machine: the embedded model's achieved FLOP/s while generating
 (``generate_batch``, same code path as the synthesis actors). GPU figures are projections
 at stated model-FLOP utilisations (MFU), not measurements; on a lent GPU, run with
-``--measure-gpu`` to time the SD-2.1-shaped UNet itself (bf16, SDPA) and replace the assumption.
+``--measure-gpu`` to time the SD-2.1-shaped UNet and VAE decoder themselves (bf16, SDPA, batches 8 and 32)
+and replace the assumption with measured images/s, GPU-hours and achieved TFLOP/s.
 """
 
 import argparse
@@ -85,23 +86,33 @@ def embedded_anchor(config: str, batch: int, steps: int, guidance: float) -> dic
             "threads": torch.get_num_threads()}
 
 
-def measure_gpu(resolution: int, batch: int) -> dict:
-    from diffusers import UNet2DConditionModel
+def measure_gpu(resolution: int, batches: tuple[int, ...] = (8, 32)) -> dict:
+    """SD-2.1-shaped UNet forwards/s and VAE decodes/s on this GPU in bf16 (SDPA attention, random weights)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    def rate(fn, n: int) -> float:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return n / (time.perf_counter() - t0)
 
     latent = resolution // 8
     unet = UNet2DConditionModel(**{**SD21_UNET, "sample_size": latent}).to("cuda", torch.bfloat16).eval()
-    x = torch.randn(batch, 4, latent, latent, device="cuda", dtype=torch.bfloat16)
-    ctx = torch.randn(batch, 77, 1024, device="cuda", dtype=torch.bfloat16)
-    t = torch.full((batch,), 500, device="cuda")
+    vae = AutoencoderKL(**SD21_VAE).to("cuda", torch.bfloat16).eval()
+    out = {"gpu": torch.cuda.get_device_name(), "attention": sorted({type(p).__name__ for p in unet.attn_processors.values()})}
     with torch.no_grad():
-        for _ in range(3):
-            unet(x, t, encoder_hidden_states=ctx)
-        torch.cuda.synchronize()
-        t0, n = time.perf_counter(), 20
-        for _ in range(n):
-            unet(x, t, encoder_hidden_states=ctx)
-        torch.cuda.synchronize()
-    return {"gpu": torch.cuda.get_device_name(), "batch": batch, "unet_forwards_per_s": n * batch / (time.perf_counter() - t0)}
+        for batch in batches:
+            x = torch.randn(batch, 4, latent, latent, device="cuda", dtype=torch.bfloat16)
+            ctx = torch.randn(batch, 77, 1024, device="cuda", dtype=torch.bfloat16)
+            t = torch.full((batch,), 500, device="cuda")
+            out[f"batch{batch}"] = {"unet_forwards_per_s": batch * rate(lambda: unet(x, t, encoder_hidden_states=ctx), 10),
+                                    "vae_decodes_per_s": batch * rate(lambda: vae.decode(x), 3)}
+    out["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
+    return out
 
 
 def main() -> None:
@@ -125,8 +136,13 @@ def main() -> None:
         result["projection"][gpu] = {f"{int(mfu * 100)}% MFU": round(total / (peak * 1e12 * mfu) / 3600, 1)
                                      for mfu in (0.2, 0.3, 0.4)}
     if args.measure_gpu and torch.cuda.is_available():
-        gpu = measure_gpu(args.resolution, 8)
-        gpu["hours_for_images"] = round(args.images * args.steps * cfg_passes / gpu["unet_forwards_per_s"] / 3600, 1)
+        gpu = measure_gpu(args.resolution)
+        for key, row in list(gpu.items()):
+            if key.startswith("batch"):  # per image: steps × passes UNet forwards, then one VAE decode
+                seconds = args.steps * cfg_passes / row["unet_forwards_per_s"] + 1 / row["vae_decodes_per_s"]
+                row["images_per_s"] = round(1 / seconds, 2)
+                row["hours_for_images"] = round(args.images * seconds / 3600, 1)
+                row["achieved_tflops"] = round(per_image / seconds / 1e12, 1)
         result["measured_gpu"] = gpu
     print(json.dumps(result, indent=1))
     print(f"\n{args.images:,} images × {args.steps} steps × {cfg_passes} UNet passes at {args.resolution} px:"
