@@ -12,7 +12,8 @@ cardinality (its generator reads no private data and no training seed), the Teac
 Then reads each evaluation's ``metrics.json`` (``eval/seed_stats.py: seed_rows``), aggregates over seeds
 (``aggregate_seeds``) and writes ``<out>/seeds.json`` (per-seed rows and aggregates), ``<out>/seeds.md``
 (the table, mean ± SE) and ``<out>/tradeoff_{online,offline}.png`` (``eval/plots.py:
-save_tradeoff_errorbars``). Logs: ``<out>/<card>x-seed<seed>.log``.
+save_tradeoff_errorbars``). Logs: ``<out>/<card>x-seed<seed>.log``. ``--combine LABEL=DIR …`` draws finished
+runs of several methods in one table and plot.
 """
 from __future__ import annotations
 
@@ -43,6 +44,33 @@ def seed_table(aggregates: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def combine(specs: list[str], out: str) -> None:
+    """The aggregates of several methods' seed runs (``LABEL=DIR``) in one table and one pair of plots."""
+    from synthset.eval.plots import save_tradeoff_errorbars
+
+    aggregates = []
+    for i, spec in enumerate(specs):
+        label, _, folder = spec.partition("=")
+        if not folder:
+            raise SystemExit(f"error: --combine {spec!r}: expected LABEL=DIR")
+        with open(os.path.join(folder, "seeds.json")) as f:
+            rows = json.load(f)["aggregates"]
+        for r in rows:
+            if r["target"] == "teacher":
+                if i == 0:
+                    aggregates.append(r)
+            else:
+                aggregates.append({**r, "target": f"{label} {r['target'].split('/')[0]}"})
+    os.makedirs(out, exist_ok=True)
+    table = seed_table(aggregates)
+    with open(os.path.join(out, "seeds.md"), "w") as f:
+        f.write(table + "\n")
+    for variant in ("online", "offline"):
+        save_tradeoff_errorbars(aggregates, os.path.join(out, f"tradeoff_{variant}.png"), variant,
+                                f"Accuracy versus privacy (LiRA {variant}): {', '.join(s.split('=')[0] for s in specs)}")
+    print(table)
+
+
 def main() -> None:
     from synthset.config import load_config
     from synthset.eval.plots import save_tradeoff_errorbars
@@ -57,7 +85,12 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default <output.root>/seeds")
     parser.add_argument("--aggregate-only", action="store_true", help="read finished evaluations, run nothing")
     parser.add_argument("--set", action="append", default=[], help="further overrides for every run")
+    parser.add_argument("--combine", nargs="+", metavar="LABEL=DIR", default=None,
+                        help="run nothing: one table and plot of several finished --out folders (their seeds.json), "
+                             "Students labelled by LABEL, the Teacher taken from the first")
     args = parser.parse_args()
+    if args.combine:
+        return combine(args.combine, args.out or "runs/privacy/combined")
     if len(set(args.seeds)) < 2:
         raise SystemExit("error: --seeds: a standard error needs at least two different seeds")
     base = load_config(args.config, args.set)
