@@ -44,10 +44,21 @@ def seed_table(aggregates: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def combine(specs: list[str], out: str) -> None:
-    """The aggregates of several methods' seed runs (``LABEL=DIR``) in one table and one pair of plots."""
+def write_table_and_plots(aggregates: list[dict], out: str, what: str) -> None:
+    """``<out>/seeds.md`` and ``<out>/tradeoff_{online,offline}.png`` of the aggregates; prints the table."""
     from synthset.eval.plots import save_tradeoff_errorbars
 
+    table = seed_table(aggregates)
+    with open(os.path.join(out, "seeds.md"), "w") as f:
+        f.write(table + "\n")
+    for variant in ("online", "offline"):
+        save_tradeoff_errorbars(aggregates, os.path.join(out, f"tradeoff_{variant}.png"), variant,
+                                f"Accuracy versus privacy (LiRA {variant}, {what})")
+    print(table)
+
+
+def combine(specs: list[str], out: str) -> None:
+    """The aggregates of several methods' seed runs (``LABEL=DIR``) in one table and one pair of plots."""
     aggregates = []
     for i, spec in enumerate(specs):
         label, _, folder = spec.partition("=")
@@ -62,18 +73,11 @@ def combine(specs: list[str], out: str) -> None:
             else:
                 aggregates.append({**r, "target": f"{label} {r['target'].split('/')[0]}"})
     os.makedirs(out, exist_ok=True)
-    table = seed_table(aggregates)
-    with open(os.path.join(out, "seeds.md"), "w") as f:
-        f.write(table + "\n")
-    for variant in ("online", "offline"):
-        save_tradeoff_errorbars(aggregates, os.path.join(out, f"tradeoff_{variant}.png"), variant,
-                                f"Accuracy versus privacy (LiRA {variant}): {', '.join(s.split('=')[0] for s in specs)}")
-    print(table)
+    write_table_and_plots(aggregates, out, ", ".join(s.split("=")[0] for s in specs))
 
 
 def main() -> None:
     from synthset.config import load_config
-    from synthset.eval.plots import save_tradeoff_errorbars
     from synthset.eval.seed_stats import aggregate_seeds, seed_rows
     from synthset.stages.evaluate import evaluate_dir
 
@@ -125,13 +129,7 @@ def main() -> None:
     aggregates = aggregate_seeds(rows)
     with open(os.path.join(out, "seeds.json"), "w") as f:
         json.dump({"rows": rows, "aggregates": aggregates}, f, indent=1)
-    table = seed_table(aggregates)
-    with open(os.path.join(out, "seeds.md"), "w") as f:
-        f.write(table + "\n")
-    for variant in ("online", "offline"):
-        save_tradeoff_errorbars(aggregates, os.path.join(out, f"tradeoff_{variant}.png"), variant,
-                                f"Accuracy versus privacy (LiRA {variant}, seeds {args.seeds})")
-    print(table)
+    write_table_and_plots(aggregates, out, f"seeds {args.seeds}")
 
 
 if __name__ == "__main__":
