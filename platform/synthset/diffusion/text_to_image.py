@@ -46,7 +46,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float,
     for idx in _batches(len(images), min(batch_size, len(images)), steps, g):
         x = images[idx]
         posterior = vae.encode(x).latent_dist
-        # Drawn on the CPU generator and moved: the same draws on any device (a GPU run crashed without the move).
+        # Drawn on the CPU generator, then moved to the model's device: the same draws on any device.
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(x.device)
         recon = vae.decode(z).sample
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + kl_weight * posterior.kl().mean()
@@ -75,7 +75,7 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 
 
 def min_snr_weights(noise_scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample loss weights min(SNR, γ)/SNR for ε-prediction (Min-SNR-γ, Hang et al. 2023, Eq. 6)."""
+    """Per-sample loss weights min(SNR, γ)/SNR for ε-prediction (Min-SNR-γ, Hang et al. 2023, Eq. 6), on ``t``'s device."""
     alpha_bar = noise_scheduler.alphas_cumprod.to(t.device)[t]
     snr = alpha_bar / (1 - alpha_bar)
     return torch.clamp(snr, max=gamma) / snr

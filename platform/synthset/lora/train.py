@@ -70,7 +70,7 @@ def bank_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_state
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
     if min_snr_gamma:
-        per_sample = per_sample * min_snr_weights(noise_scheduler, timesteps.cpu(), min_snr_gamma).to(per_sample)
+        per_sample = per_sample * min_snr_weights(noise_scheduler, timesteps, min_snr_gamma).to(per_sample)
     ids = lora_ids.to(per_sample.device)
     if samples_per_lora is None:
         counts = torch.bincount(ids, minlength=num_loras).clamp(min=1).to(per_sample)
