@@ -40,6 +40,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+CLASS_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+
 
 def sync(device: str) -> None:
     if device == "cuda":
@@ -67,7 +69,10 @@ def quickstart_config(overrides: list[str]):
 def attention(ctx) -> dict:
     from diffusers.models.attention_processor import AttnProcessor
 
-    pipe, device = ctx["pipe"], ctx["device"]
+    from synthset.models.foundation import load_foundation
+
+    device = ctx["device"]
+    pipe = load_foundation(ctx["model_path"], device=device)
     unet = pipe.unet
     names = sorted({type(p).__name__ for p in unet.attn_processors.values()})
     g = torch.Generator().manual_seed(0)
@@ -154,11 +159,9 @@ def generation(ctx) -> dict:
     from synthset.methods.class_prompt import plan_requests
 
     device, quick, cfg = ctx["device"], ctx["quick"], ctx["cfg"]
-    syn = cfg.synthesis
-    method = get_method(syn.method if ctx["loras"] else "class_prompt")
-    syn = syn.model_copy(update={"method": method.name}) if not ctx["loras"] else syn
-    names = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
-    check = plan_requests(0, 64, 0, names, syn.prompt_template)
+    method = get_method(cfg.synthesis.method if ctx["loras"] else "class_prompt")  # no LoRAs: the base model
+    syn = cfg.synthesis.model_copy(update={"method": method.name})
+    check = plan_requests(0, 64, 0, CLASS_NAMES, syn.prompt_template)
     out = {"method": method.name, "steps": syn.num_inference_steps, "guidance": syn.guidance_scale}
     reference = None
     for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
@@ -176,7 +179,7 @@ def generation(ctx) -> dict:
             row["vs_float32_mean_abs_uint8"] = float(diff.mean())
             row["vs_float32_pixels_off_by_more_than_8"] = float((diff > 8).mean())
         for batch in ([16] if quick else [100, 1000]):
-            requests = plan_requests(0, batch, 1, names, syn.prompt_template)
+            requests = plan_requests(0, batch, 1, CLASS_NAMES, syn.prompt_template)
             syn_b = syn.model_copy(update={"batch_size": batch})
             seconds = timed(lambda: method.generate_batch(pipe, requests, syn_b), device, 1 if quick else 3)
             row[f"batch{batch}_images_per_s"] = batch / seconds
@@ -218,7 +221,6 @@ def actor(ctx) -> dict:
     from synthset.stages.synthesize import ShardGenerator
 
     device, quick, cfg = ctx["device"], ctx["quick"], ctx["cfg"]
-    names = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
     count = 32 if quick else 2000
     out = {"method": "class_prompt", "images": count}
     for dtype in ("float32", "bfloat16"):
@@ -227,7 +229,7 @@ def actor(ctx) -> dict:
             "actors": cfg.synthesis.actors.model_copy(update={"num_gpus": 1 if device == "cuda" else 0})})
         dataset = os.path.join(tempfile.mkdtemp(prefix="gpu-actor-"), "data")
         t0 = time.perf_counter()
-        shard_actor = ShardGenerator(ctx["model_path"], syn.model_dump(mode="json"), names, 0, dataset, "gpu-check")
+        shard_actor = ShardGenerator(ctx["model_path"], syn.model_dump(mode="json"), CLASS_NAMES, 0, dataset, "gpu-check")
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         shard_actor({"shard": np.array([0]), "start": np.array([0]), "stop": np.array([count])})
@@ -352,15 +354,14 @@ def main() -> None:
     quick = args.quick or device == "cpu"
     import diffusers
 
-    from synthset.models.foundation import build_foundation, load_foundation
+    from synthset.models.foundation import build_foundation
 
     cfg = quickstart_config([])
     model_path = args.model
     if model_path is None:
         model_path = os.path.join(tempfile.mkdtemp(prefix="gpu-paths-"), "model")
         build_foundation(cfg.foundation.arch, seed=0).save_pretrained(model_path, safe_serialization=True)
-    ctx = {"device": device, "quick": quick, "cfg": cfg, "model_path": model_path, "loras": args.loras,
-           "pipe": load_foundation(model_path, device=device)}
+    ctx = {"device": device, "quick": quick, "cfg": cfg, "model_path": model_path, "loras": args.loras}
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
               "diffusers": diffusers.__version__, "quick": quick, "model": args.model, "loras": args.loras}
     sections = {"attention": attention, "foundation_training": foundation_training, "generation": generation,
