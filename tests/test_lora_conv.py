@@ -121,6 +121,30 @@ def test_few_mixes_path_equals_grouped_path(base_unet):
             assert_close_scaled(doubled[i:i + 1], alone)
 
 
+def test_per_mix_gradients_equal_per_sample_gradients(base_unet):
+    """Training batches with few mixes (TCKR, DataDream: plain products per mix) give every LoRA
+    factor the same gradient as routing each sample alone (per-sample factors)."""
+    unet = copy.deepcopy(base_unet)
+    layers = inject_lora_bank(unet, 2, rank=2, targets="locon", seed=3)
+    _randomize_b(layers)
+    x, t, cond = _inputs(unet, 8, seed=9)
+    ids = [0, 1] * 4
+
+    def gradients(batches):
+        for layer in layers:
+            layer.lora_A.grad = layer.lora_B.grad = None
+        for rows in batches:
+            with routing(unet, [ids[i] for i in rows]):
+                assert (layers[0]._mix_groups(len(rows)) is not None) == (len(rows) == 8)
+                unet(x[rows], t[rows], encoder_hidden_states=cond[rows]).sample.pow(2).sum().backward()
+        return [p.grad.clone() for layer in layers for p in (layer.lora_A, layer.lora_B)]
+
+    together, alone = gradients([list(range(8))]), gradients([[i] for i in range(8)])
+    assert all(float(g.abs().max()) > 0 for g in alone[1::2])  # every B gets a gradient
+    for g, ref in zip(together, alone):
+        assert_close_scaled(g, ref)
+
+
 def test_folded_lora_equals_routed_lora(base_unet):
     """TCKR's synthesis folds its one LoRA into the weights: the same function as routing every sample."""
     unet = copy.deepcopy(base_unet)

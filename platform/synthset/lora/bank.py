@@ -191,6 +191,61 @@ class LoraBankLayer(nn.Module):
             raise ValueError(f"{self.name}: activation batch {n} is not a multiple of the routing batch {r_batch}")
         return self._routed_factors(n // r_batch)
 
+    def _mix(self) -> torch.Tensor:
+        """For each routing row, the number of its distinct (ids, weights) mix."""
+        return self.mix_of_row if self.mix_of_row is not None else mix_index(self.ids, self.weights)
+
+    def _mix_groups(self, n: int) -> list[torch.Tensor] | None:
+        """Activation rows grouped by identical LoRA mix, or None when there are more than n/4 mixes."""
+        if self._groups is not None and self._groups[0] == n:
+            return self._groups[1]
+        if n % self.ids.shape[0]:
+            raise ValueError(f"{self.name}: activation batch {n} is not a multiple of the routing batch "
+                             f"{self.ids.shape[0]}")
+        mix = self._mix()
+        mixes = int(mix.max()) + 1
+        groups = None
+        if mixes * 4 <= n:
+            mix = mix.to(self.lora_A.device).repeat(n // len(mix))  # CFG: both halves, same mix
+            groups = [torch.nonzero(mix == u).flatten() for u in range(mixes)]
+        self._groups = (n, groups)
+        return groups
+
+    def _mix_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_u [U, M·r, fan_in], B_u [U, fan_out, M·r]) for the U distinct mixes, weight × scale in A_u.
+
+        The few-mixes path applies these to each mix's rows with plain products: gathering factors
+        per *sample* (``_routed_factors``) makes autograd scatter-add every sample's copy back into
+        the same LoRA, which was half of a TCKR training step on CPU (docs/benchmarks.md).
+        Cached without autograd like ``_routed_factors``.
+        """
+        need_grad = torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+        key = ("mix", self._routing_version, self.lora_A._version, self.lora_B._version)
+        if not need_grad and self._cache is not None and self._cache[0] == key:
+            return self._cache[1], self._cache[2]
+        mix = self._mix().to(self.ids.device)
+        mixes = int(mix.max()) + 1
+        first = torch.full((mixes,), len(mix), dtype=torch.long, device=mix.device).scatter_reduce_(
+            0, mix, torch.arange(len(mix), device=mix.device), reduce="amin")
+        ids, w = self.ids[first], self.weights[first]                         # [U, M]
+        a = (self.lora_A[ids] * (w * self.scale)[:, :, None, None]).reshape(mixes, -1, self.fan_in)
+        b = self.lora_B[ids].permute(0, 2, 1, 3).reshape(mixes, self.fan_out, -1)
+        if not need_grad and self._cache_routed:
+            self._cache = (key, a, b)
+        return a, b
+
+    @staticmethod
+    def _add_groups(out: torch.Tensor, groups: list[torch.Tensor], delta) -> torch.Tensor:
+        """out + δ_u(rows of mix u) for every mix u; ``delta(u, rows)`` computes one mix's rows
+        (all of them, unindexed, when there is one mix). In place on the base layer's fresh output
+        without autograd."""
+        if len(groups) == 1:
+            d = delta(0, None)
+            return out.add_(d.to(out.dtype)) if not torch.is_grad_enabled() else out + d.to(out.dtype)
+        parts = torch.cat([delta(u, rows) for u, rows in enumerate(groups)])
+        parts = parts[torch.argsort(torch.cat(groups))].to(out.dtype)
+        return out.add_(parts) if not torch.is_grad_enabled() else out + parts
+
     @staticmethod
     def _add(out3: torch.Tensor, p: torch.Tensor, q: torch.Tensor, shape) -> torch.Tensor:
         """out3 + p q (batched) in one kernel; in place on the base layer's fresh output without autograd."""
@@ -200,7 +255,8 @@ class LoraBankLayer(nn.Module):
 
 
 class LoraBankLinear(LoraBankLayer):
-    """``LoraBankLayer`` on an ``nn.Linear``: h_b = W x_b + Σ_m w_m (alpha/r) B_m A_m x_b."""
+    """``LoraBankLayer`` on an ``nn.Linear``: h_b = W x_b + Σ_m w_m (alpha/r) B_m A_m x_b. With few
+    distinct mixes in a batch, two plain products per mix; otherwise batched per-sample factors."""
 
     base_type = nn.Linear
 
@@ -220,6 +276,12 @@ class LoraBankLinear(LoraBankLayer):
         if not self._active:
             return out
         n = x.shape[0]
+        groups = self._mix_groups(n)
+        if groups is not None:  # few distinct mixes (training TCKR/DataDream, their synthesis): per mix
+            a, b = self._mix_factors()
+            x = x.to(a.dtype)
+            return self._add_groups(out, groups, lambda u, rows: F.linear(
+                F.linear(x if rows is None else x[rows], a[u]), b[u]))
         a, b = self._factors_for(n)
         # Eq. 4 of LoFT for every sample at once: h = x A_wᵀ [N, L, M·r], out + h B_wᵀ (transposed
         # views: BLAS reads them as they are).
@@ -256,35 +318,21 @@ class LoraBankConv2d(LoraBankLayer):
         if not self._active:
             return out
         n, cin, height, width = x.shape
-        a, b = self._factors_for(n)
-        mr = a.shape[1]
-        x = x.to(a.dtype)
+        x = x.to(self.lora_A.dtype)
         conv = dict(stride=self.base.stride, padding=self.base.padding, dilation=self.base.dilation)
         groups = self._mix_groups(n)
-        if groups is None:  # (nearly) every sample its own mix: one grouped convolution, a group per sample
-            kernel = a.reshape(n * mr, cin, *self.base.kernel_size)
-            h = F.conv2d(x.reshape(1, n * cin, height, width), kernel, None, groups=n, **conv)
-            h = h.reshape(n, mr, -1)                                          # [N, M·r, H'·W']
-        else:  # few distinct mixes (training a bank, DataDream/TCKR batches): one plain convolution per mix
-            parts = [F.conv2d(x[rows], a[rows[0]].reshape(mr, cin, *self.base.kernel_size), None, **conv)
-                     for rows in groups]
-            order = torch.cat(groups)
-            h = torch.cat(parts)[torch.argsort(order)].reshape(n, mr, -1)
+        if groups is not None:  # few distinct mixes (training TCKR/DataDream, their synthesis): per mix
+            a, b = self._mix_factors()
+            kernels = a.reshape(len(a), -1, cin, *self.base.kernel_size)
+            return self._add_groups(out, groups, lambda u, rows: F.conv2d(
+                F.conv2d(x if rows is None else x[rows], kernels[u], None, **conv), b[u][:, :, None, None]))
+        # (nearly) every sample its own mix: one grouped convolution, a group per sample
+        a, b = self._factors_for(n)
+        mr = a.shape[1]
+        kernel = a.reshape(n * mr, cin, *self.base.kernel_size)
+        h = F.conv2d(x.reshape(1, n * cin, height, width), kernel, None, groups=n, **conv)
         out3 = out.reshape(n, self.fan_out, -1)
-        return self._add(out3, b, h, out.shape).to(out.dtype)
-
-    def _mix_groups(self, n: int) -> list[torch.Tensor] | None:
-        """Activation rows grouped by identical LoRA mix, or None when there are more than n/4 mixes."""
-        if self._groups is not None and self._groups[0] == n:
-            return self._groups[1]
-        mix = self.mix_of_row if self.mix_of_row is not None else mix_index(self.ids, self.weights)
-        mixes = int(mix.max()) + 1
-        groups = None
-        if mixes * 4 <= n:
-            mix = mix.to(self.lora_A.device).repeat(n // len(mix))  # CFG: both halves, same mix
-            groups = [torch.nonzero(mix == u).flatten() for u in range(mixes)]
-        self._groups = (n, groups)
-        return groups
+        return self._add(out3, b, h.reshape(n, mr, -1), out.shape).to(out.dtype)
 
 
 def mix_index(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
