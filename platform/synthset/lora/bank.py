@@ -170,17 +170,28 @@ class LoraBankLayer(nn.Module):
         Without autograd (inference) the result is cached until the routing or the parameters
         change (``Tensor._version`` counts in-place updates), so a denoising loop gathers once.
         """
-        need_grad = torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)
-        key = (self._routing_version, self.lora_A._version, self.lora_B._version, reps)
-        if not need_grad and self._cache is not None and self._cache[0] == key:
-            return self._cache[1], self._cache[2]
-        ids, w = self.ids, self.weights
+        def compute():
+            a, b = self._gather_factors(self.ids, self.weights)
+            return (a.repeat(reps, 1, 1), b.repeat(reps, 1, 1)) if reps > 1 else (a, b)
+
+        return self._cached(("rows", reps), compute)
+
+    def _gather_factors(self, ids: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_w [R, M·r, fan_in], B_w [R, fan_out, M·r]) of routing rows ``ids``/``w`` [R, M], w × scale in A_w."""
         r_batch, m = ids.shape
         a = self.lora_A[ids] * (w * self.scale)[:, :, None, None]            # [R, M, r, fan_in]
         a = a.reshape(r_batch, m * self.rank, self.fan_in)
         b = self.lora_B[ids].permute(0, 2, 1, 3).reshape(r_batch, self.fan_out, m * self.rank)
-        if reps > 1:
-            a, b = a.repeat(reps, 1, 1), b.repeat(reps, 1, 1)
+        return a, b
+
+    def _cached(self, kind: tuple, compute) -> tuple[torch.Tensor, torch.Tensor]:
+        """``compute()``'s factors, kept without autograd until the routing or the parameters change
+        (``Tensor._version`` counts in-place updates), so a denoising loop gathers once."""
+        need_grad = torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+        key = (kind, self._routing_version, self.lora_A._version, self.lora_B._version)
+        if not need_grad and self._cache is not None and self._cache[0] == key:
+            return self._cache[1], self._cache[2]
+        a, b = compute()
         if not need_grad and self._cache_routed:
             self._cache = (key, a, b)
         return a, b
@@ -217,22 +228,15 @@ class LoraBankLayer(nn.Module):
         The few-mixes path applies these to each mix's rows with plain products: gathering factors
         per *sample* (``_routed_factors``) makes autograd scatter-add every sample's copy back into
         the same LoRA, which was half of a TCKR training step on CPU (docs/benchmarks.md).
-        Cached without autograd like ``_routed_factors``.
+        Cached like ``_routed_factors``.
         """
-        need_grad = torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)
-        key = ("mix", self._routing_version, self.lora_A._version, self.lora_B._version)
-        if not need_grad and self._cache is not None and self._cache[0] == key:
-            return self._cache[1], self._cache[2]
-        mix = self._mix().to(self.ids.device)
-        mixes = int(mix.max()) + 1
-        first = torch.full((mixes,), len(mix), dtype=torch.long, device=mix.device).scatter_reduce_(
-            0, mix, torch.arange(len(mix), device=mix.device), reduce="amin")
-        ids, w = self.ids[first], self.weights[first]                         # [U, M]
-        a = (self.lora_A[ids] * (w * self.scale)[:, :, None, None]).reshape(mixes, -1, self.fan_in)
-        b = self.lora_B[ids].permute(0, 2, 1, 3).reshape(mixes, self.fan_out, -1)
-        if not need_grad and self._cache_routed:
-            self._cache = (key, a, b)
-        return a, b
+        def compute():
+            mix = self._mix().to(self.ids.device)
+            first = torch.full((int(mix.max()) + 1,), len(mix), dtype=torch.long, device=mix.device).scatter_reduce_(
+                0, mix, torch.arange(len(mix), device=mix.device), reduce="amin")  # each mix's first row
+            return self._gather_factors(self.ids[first], self.weights[first])
+
+        return self._cached(("mix",), compute)
 
     @staticmethod
     def _add_groups(out: torch.Tensor, groups: list[torch.Tensor], delta) -> torch.Tensor:
