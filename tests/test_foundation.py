@@ -77,3 +77,23 @@ def test_pretraining_with_caption_prompts_is_seeded(tiny_pipeline_dir):
     assert mixed != losses(0.0)  # caption prompts are what some steps see
     with pytest.raises(ValueError, match="3 caption prompts for 8 images"):
         train_unet(None, None, None, None, latents, prompts, 1, 4, 1e-3, 0.1, 0, captioned_prompts=captioned[:3])
+
+
+def test_tokenizer_is_the_same_in_every_process(tmp_path):
+    """Token ids and merge order are a function of the words: two fresh interpreters (each with its own
+    hash seeds, Python's and the Rust tokenizers') save the same tokenizer, so a config's foundation is
+    reproducible. The BpeTrainer of `tokenizers` broke ties by hash order and failed this."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = ("import sys; sys.path.insert(0, sys.argv[2]); "
+              "from synthset.models.foundation import build_tokenizer, vocabulary_words; "
+              "build_tokenizer(vocabulary_words(), sys.argv[1])")
+    saved = []
+    for i in range(2):
+        out = tmp_path / str(i)
+        subprocess.run([sys.executable, "-c", script, str(out), str(ROOT / "platform")], check=True)
+        saved.append({f.name: f.read_bytes() for f in sorted(out.iterdir())})
+    assert saved[0].keys() == saved[1].keys() and saved[0] == saved[1]

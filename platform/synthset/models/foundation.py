@@ -9,7 +9,6 @@ the very same ``load_foundation`` / ``StableDiffusionPipeline.from_pretrained`` 
 
 from __future__ import annotations
 
-import json
 import re
 import string
 import tempfile
@@ -34,31 +33,56 @@ def _clip_pieces(text: str) -> list[str]:
     return re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", text.lower())
 
 
-def build_tokenizer(words: list[str], save_dir: str | Path, max_length: int = 16):
-    """Train a BPE on ``words`` until each is one token, and save it as a CLIP tokenizer.
+def train_bpe(pieces: list[str], suffix: str = "</w>") -> list[tuple[str, str]]:
+    """BPE merges that make each of ``pieces`` one token: repeatedly merge the most frequent adjacent
+    pair, ties broken by the pair's text, until no word has two symbols left.
 
-    Every printable ASCII character stays in the vocabulary, so any prompt tokenizes; the listed
-    words (and every piece of them that CLIP's pre-tokenizer splits off) become single tokens.
+    Written out rather than taken from ``tokenizers``' ``BpeTrainer``, which breaks ties between
+    equally frequent pairs by ids drawn from a randomly seeded hash map: the same words gave another
+    merge order and other token ids in every process, so the foundation's text encoder (and every
+    image after it) differed between two runs of one config.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    words = [list(p[:-1]) + [p[-1] + suffix] for p in sorted(set(pieces)) if p]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for w in words:
+            for pair in zip(w, w[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        joined = best[0] + best[1]
+        for i, w in enumerate(words):
+            out, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and (w[j], w[j + 1]) == best:
+                    out.append(joined)
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            words[i] = out
+
+
+def build_tokenizer(words: list[str], save_dir: str | Path, max_length: int = 16):
+    """A CLIP tokenizer in which each of ``words`` is one token, saved to ``save_dir``.
+
+    Every printable ASCII character stays in the vocabulary (alone and word-final), so any prompt
+    tokenizes; the listed words (and every piece of them that CLIP's pre-tokenizer splits off) become
+    single tokens. The same words give the same vocabulary, ids and merges in every process.
+    """
     from transformers import CLIPTokenizer
 
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    alphabet = [c for c in string.printable if not c.isspace()]
-    corpus = sorted({p for w in words for p in _clip_pieces(w)}) + alphabet
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000, min_frequency=1, show_progress=False,
-        initial_alphabet=alphabet, end_of_word_suffix="</w>", special_tokens=[],
-    )
-    bpe.train_from_iterator(corpus, trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
-    for special in (BOS, EOS):
-        vocab[special] = len(vocab)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    alphabet = sorted(c for c in string.printable if not c.isspace())
+    merges = train_bpe([p for w in words for p in _clip_pieces(w)])
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]
+    vocab: dict[str, int] = {}
+    for token in [*tokens, BOS, EOS]:
+        vocab.setdefault(token, len(vocab))
     tokenizer = CLIPTokenizer(
         vocab=vocab, merges=merges, model_max_length=max_length,
         bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
