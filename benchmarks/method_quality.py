@@ -16,7 +16,9 @@ VAE round trip for ``real-vae``).
 
 Prints one row per variant, mean ± standard error over the seeds, and writes ``--json``
 (per variant: images, seeds, student_soft_mean/se, student_hard_mean/se, and every run).
-``--only class_prompt,datadream`` runs a subset; ``--set key=value`` applies to every run.
+``--only class_prompt,datadream`` runs a subset; ``--set key=value`` applies to every run;
+``--variant 'name:key=value key=value'`` adds a named row (e.g. CASD's baselines under conf/casd.yaml:
+``--variant 'dm:synthesis.casd.variant=dm'``), run in the order given after ``--only``'s.
 """
 
 import argparse
@@ -69,6 +71,15 @@ def seed_overrides(seed: int, adapt_seed: int | None = None) -> list[str]:
     return [f"run.seed={seed}", f"adapt.seed={seed if adapt_seed is None else adapt_seed}", f"student.seed={seed}"]
 
 
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """``'name:key=value key=value'`` → (name, overrides)."""
+    name, sep, rest = spec.partition(":")
+    overrides = rest.split()
+    if not sep or not name.strip() or not overrides or any("=" not in o for o in overrides):
+        raise SystemExit(f"--variant {spec!r}: expected NAME:key=value [key=value ...]")
+    return name.strip(), overrides
+
+
 def pipeline_run(config: str, name: str, overrides: list[str]) -> dict | None:
     cfg = load_config(config, overrides)
     cmd = [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", config,
@@ -87,7 +98,8 @@ def pipeline_run(config: str, name: str, overrides: list[str]) -> dict | None:
     return {"images": summary["images"], "teacher_agreement": summary["teacher_agreement_on_synthetic"],
             "student_soft": summary.get("student_soft_accuracy"), "student_hard": summary.get("student_hard_accuracy"),
             "adapt_s": adapt.get("seconds"), "method": summary["method"], "grid": summary["sample_grid"],
-            "teacher": summary["teacher_accuracy"], "wall_s": round(time.time() - t0)}
+            "teacher": summary["teacher_accuracy"], "fid": summary.get("gen_fid"), "kid": summary.get("gen_kid_mean"),
+            "wall_s": round(time.time() - t0)}
 
 
 def vae_roundtrip(cfg: Config, images: np.ndarray, vae=None) -> np.ndarray:
@@ -196,13 +208,20 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the aggregated table here")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="applied to every run (e.g. adapt.steps=200)")
+    parser.add_argument("--variant", dest="extra", action="append", default=[], metavar="NAME:OVERRIDES",
+                        help="a named row: NAME, a colon, space-separated key=value overrides (repeatable)")
     args = parser.parse_args()
     common = [f"synthesis.images_per_class={args.images_per_class}", *args.overrides]
     if args.shots is not None:
         common.append(f"adapt.shots_per_class={args.shots}")
     shots = load_config(args.config, common).adapt.shots_per_class or args.images_per_class
     table = variants(shots)
-    chosen = args.only.split(",") if args.only else list(table)
+    extra = dict(parse_variant(v) for v in args.extra)
+    clash = sorted(set(extra) & set(table))
+    if clash:
+        raise SystemExit(f"--variant {clash}: already a built-in variant name; choose another")
+    chosen = (args.only.split(",") if args.only else [] if extra else list(table)) + list(extra)
+    table.update(extra)
     unknown = [c for c in chosen if c not in table]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}: choose from {list(table)}")
@@ -230,16 +249,21 @@ def main() -> None:
                       "student_soft_mean": soft[0], "student_soft_se": soft[1],
                       "student_hard_mean": hard[0], "student_hard_se": hard[1],
                       "teacher_agreement_mean": mean_se([r.get("teacher_agreement") for r in mine])[0]}
+        for metric in ("fid", "kid"):  # the evaluate stage's, in the Teacher's feature space (when it ran)
+            if any(r.get(metric) is not None for r in mine):
+                rows[name][f"{metric}_mean"], rows[name][f"{metric}_se"] = mean_se([r.get(metric) for r in mine])
     command = " ".join([".venv/bin/python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
     if runs:
         print(f"\nTeacher (real private data): {runs[0]['teacher']:.4f}")
-    print("| variant | method | images | seeds | Student soft (mean ± SE) | Student hard (mean ± SE) | Teacher agrees |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| variant | method | images | seeds | Student soft (mean ± SE) | Student hard (mean ± SE) | Teacher agrees "
+          "| FID | KID |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in rows.items():
         agree = r["teacher_agreement_mean"]
+        gen = " | ".join(f"{r[m + '_mean']:.3f} ± {r[m + '_se']:.3f}" if m + "_mean" in r else "–" for m in ("fid", "kid"))
         print(f"| {name} | {r['method']} | {r['images']:,} | {len(r['seeds'])} | {r['student_soft_mean']:.4f} ± "
               f"{r['student_soft_se']:.4f} | {r['student_hard_mean']:.4f} ± {r['student_hard_se']:.4f} | "
-              + (f"{agree:.1%} |" if not math.isnan(agree) else "– |"))
+              + (f"{agree:.1%} |" if not math.isnan(agree) else "– |") + f" {gen} |")
     print(f"\ncommand: {command}")
     if args.json:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
