@@ -1,11 +1,9 @@
 """benchmarks/method_quality.py's named rows (--variant): parsed strictly, never shadowing a built-in."""
 
 import importlib.util
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 def _module():
