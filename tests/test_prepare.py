@@ -52,7 +52,8 @@ def _config(tmp_path, **data):
 
 @pytest.fixture
 def count_reads(monkeypatch):
-    """Counts every time a source is opened to be read (``splits.load_source`` → ``open_source``)."""
+    """Counts every time a source is opened to be read (``open_source``, wherever it is called from)."""
+    import synthset.data.prepare as prepare_module
     import synthset.data.splits as splits_module
 
     reads = []
@@ -62,7 +63,8 @@ def count_reads(monkeypatch):
         reads.append(cfg.source)
         return real(cfg, *args, **kwargs)
 
-    monkeypatch.setattr(splits_module, "open_source", counting)
+    for module in (splits_module, prepare_module, prepare_stage):
+        monkeypatch.setattr(module, "open_source", counting)
     monkeypatch.setattr(prepare_stage, "_CACHE", {})
     return reads
 
@@ -73,7 +75,7 @@ def _assert_same(a, b):
         if x is None:
             assert y is None, name
             continue
-        assert x.images.dtype == y.images.dtype == np.uint8 and np.array_equal(x.images, y.images), name
+        assert y.read().dtype == np.uint8 and np.array_equal(x.images, y.read()), name
         assert np.array_equal(x.labels, y.labels) and list(x.keys) == list(y.keys), name
     for name in ("public_index", "private_index"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
@@ -130,6 +132,6 @@ def test_rgb_folder_is_prepared_at_image_size_with_skipped_files_listed(tmp_path
     record = json.loads((tmp_path / "runs" / "prepare" / summary["stage_hash"] / "prepared.json").read_text())
     assert len(record["skipped"]) == 1 and record["skipped"][0]["name"].endswith("disc/odd_corrupt.png")
     splits = load_splits(cfg)
-    assert splits.private.images.shape == (10, 16, 16, 3) and splits.private.channels == 3
-    assert splits.test.images.shape[1:] == (16, 16, 3) and splits.class_names == ["disc", "square", "stripes"]
+    assert splits.private.read().shape == (10, 16, 16, 3) and splits.private.channels == 3
+    assert splits.test.read().shape[1:] == (16, 16, 3) and splits.class_names == ["disc", "square", "stripes"]
     assert len(splits.private) + len(splits.test) <= 3 * 8 + 4

@@ -100,8 +100,18 @@ def test_bad_images_in_shards_are_named_or_skipped(tmp_path):
             if payload is not None:
                 add_member(tar, f"{i:03d}.png", payload)
             add_member(tar, f"{i:03d}.cls", str(i % 2).encode())
-    with pytest.raises(ValueError, match=r"bad.tar:001.png: cannot read image"):
+    # Samples are listed before any image is decoded, so the sample without an image fails first;
+    # without it, the first image that cannot be decoded is named.
+    with pytest.raises(ValueError, match=r"bad.tar:003: sample has no image member"):
         WebDatasetSource(str(shard)).load("train")
+    decodable_labels = tmp_path / "decode" / "bad.tar"
+    decodable_labels.parent.mkdir()
+    with tarfile.open(decodable_labels, "w") as tar:
+        for i, payload in enumerate([png(50), png(60)[:40], png(70)]):
+            add_member(tar, f"{i:03d}.png", payload)
+            add_member(tar, f"{i:03d}.cls", str(i % 2).encode())
+    with pytest.raises(ValueError, match=r"bad.tar:001.png: cannot read image"):
+        WebDatasetSource(str(decodable_labels)).load("train")
     source = WebDatasetSource(str(shard), on_bad_image="skip")
     images = source.load("train")
     assert images.keys.tolist() == ["bad.tar/000", "bad.tar/002"] and images.labels.tolist() == [0, 0]

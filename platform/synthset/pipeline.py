@@ -28,15 +28,17 @@ def check_foundation_path(path: str) -> None:
             raise FileNotFoundError(f"foundation.path: {index} not found (expected a diffusers pipeline directory)")
 
 
-def validate_inputs(cfg: Config) -> list[str]:
+def validate_inputs(cfg: Config, prepare: bool = True) -> list[str]:
     """Fail fast on a missing dataset or model, then run the prepare stage; return the class names.
 
-    The model path is checked first (seconds); then the prepare stage reads the source once
-    (``stages/prepare.py``: a bad folder, image or split size fails there, before any stage
-    directory is written) unless this data was prepared already, and what the method needs of the
-    private split is checked on the prepared splits.
+    The model path is checked first (seconds); then the source is listed and split without decoding
+    (``stages/prepare.py``: a missing folder, an empty class, a bad label or split size fails there,
+    before any stage directory is written) unless this data was prepared already, and what the
+    method needs of the private split is checked on those lists. With ``prepare`` the prepare stage
+    then runs (in parallel when Ray is running); ``run_pipeline`` lists first, starts Ray, then
+    prepares.
     """
-    from synthset.stages.prepare import load_splits, run_prepare
+    from synthset.stages.prepare import load_splits, plan, prepare_dir, run_prepare
 
     path = cfg.foundation.path
     if path is not None:
@@ -44,10 +46,15 @@ def validate_inputs(cfg: Config) -> list[str]:
     if path is None and cfg.data.splits.public == 0:
         raise ValueError("data.splits.public: 0 public images, but foundation.path is not set (nothing to pretrain on)")
     generation_stages(cfg)  # the method's stages exist (a config error, before reading any data)
-    run_prepare(cfg)  # reads the source unless this data section was prepared before
-    splits = load_splits(cfg)
-    _check_method(cfg, splits.private.labels, splits.class_names)
-    return splits.class_names
+    if prepare_dir(cfg).is_complete():
+        splits = load_splits(cfg)
+        _check_method(cfg, splits.private.labels, splits.class_names)
+        return splits.class_names
+    quick = plan(cfg, check_images=False)
+    _check_method(cfg, quick.splits["private"].labels, quick.class_names)
+    if prepare:
+        run_prepare(cfg, prepared_plan=quick if cfg.data.on_bad_image == "error" else None)
+    return quick.class_names
 
 
 def _check_method(cfg: Config, private_labels, class_names: list[str]) -> None:
@@ -197,11 +204,14 @@ def run_pipeline(cfg: Config, resume: bool = True) -> dict:
     from synthset.stages.synthesize import dataset_sample_grid, run_label
     from synthset.tracking import Tracker
 
+    from synthset.stages.prepare import run_prepare
+
     t0 = time.time()
-    class_names = validate_inputs(cfg)
+    class_names = validate_inputs(cfg, prepare=False)  # lists the source: bad data fails before Ray starts
     root = output_root(cfg)
     storage.makedirs(root)
     init_ray(cfg)
+    run_prepare(cfg)  # decodes and writes the splits in parallel (reused when prepared before)
     tracker = Tracker(cfg)
     with tracker.pipeline_run("pipeline"):
         foundation = run_foundation(cfg, tracker)

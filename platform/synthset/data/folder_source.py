@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+import numpy as np
 
 from synthset.data.images import IMAGE_SUFFIXES
-from synthset.data.sources import Sample, Source
+from synthset.data.sources import Listing, Source
 
 
 def _visible(name: str) -> bool:
@@ -95,9 +95,10 @@ class ImageFolderSource(Source):
             self._files[part] = files
         return self._files[part]
 
-    def _samples(self, part: str, size: int | None) -> Iterator[Sample]:
-        root = self.roots[part]
-        for path, label in self.files(part):
-            image = self._read(part, path, str(path), size)
-            if image is not None:
-                yield Sample(path.relative_to(root).as_posix(), image, label)
+    def _listing(self, part: str) -> Listing:
+        root, files = self.roots[part], self.files(part)
+        return Listing([path.relative_to(root).as_posix() for path, _ in files],
+                       np.asarray([label for _, label in files], dtype=np.int64), [str(path) for path, _ in files])
+
+    def _decode(self, ref: str, size: int | None) -> np.ndarray:
+        return self._read_image(ref, ref, size)

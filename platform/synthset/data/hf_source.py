@@ -25,12 +25,11 @@ A sample's key is ``"<split>/<row>"``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
-
 import numpy as np
 from PIL import Image
 
-from synthset.data.sources import Sample, Source
+from synthset.data.images import BadImage
+from synthset.data.sources import Listing, Source
 
 
 def load_hf_dataset(path: str):
@@ -161,18 +160,30 @@ class HFSource(Source):
         except (TypeError, ValueError) as err:  # e.g. 2 or 5 channels: no PIL mode fits
             raise ValueError(f"image cell of shape {array.shape} is not an image ({err})") from None
 
-    def _samples(self, part: str, size: int | None) -> Iterator[Sample]:
-        split = self.split_names[part]
-        ds = self.datasets[part]
+    def _name(self, part: str, row: int) -> str:
+        return f"{self.path}[{self.split_names[part]}][{row}]"
+
+    def _listing(self, part: str) -> Listing:
+        """Reads the label column only; images are decoded by row (``_decode``)."""
+        split, ds = self.split_names[part], self.datasets[part]
         digits = len(str(max(len(ds) - 1, 0)))
-        for row, cells in enumerate(ds):
-            name = f"{self.path}[{split}][{row}]"
+        keys, labels, refs, skipped = [], [], [], []
+        for row, value in enumerate(ds[self.label_column]):
             try:
-                label = self._label_index(cells[self.label_column])
-                data = self._image_input(cells[self.image_column], name)
+                label = self._label_index(value)
             except ValueError as err:
-                self._reject(part, name, str(err))
+                skipped.append((len(keys), self._bad(self._name(part, row), str(err))))
                 continue
-            image = self._read(part, data, name, size)
-            if image is not None:
-                yield Sample(f"{split}/{row:0{digits}d}", image, label)
+            keys.append(f"{split}/{row:0{digits}d}")
+            labels.append(label)
+            refs.append((part, row))
+        return Listing(keys, np.asarray(labels, dtype=np.int64), refs, skipped)
+
+    def _decode(self, ref, size: int | None) -> np.ndarray:
+        part, row = ref
+        name = self._name(part, row)
+        try:
+            data = self._image_input(self.datasets[part][row][self.image_column], name)
+        except ValueError as err:
+            raise BadImage(name, str(err)) from None
+        return self._read_image(data, name, size)

@@ -16,7 +16,13 @@ A source has *parts*: ``"train"`` always, ``"test"`` when it has its own test im
 ``"cat/img_001.jpg"``, ``"shard-000003.tar/abc"``), ``image`` is uint8 (H, W) when
 ``data.channels`` is 1 and (H, W, 3) when it is 3, converted from whatever mode the file has
 (``images.py``), and fitted to a square ``size`` when one is given. ``source.load(part, size)``
-stacks a part into an ``ImageSet``. Images that cannot be decoded raise a ``ValueError`` naming
+stacks a part into an ``ImageSet`` (small parts and tests only: the prepare stage never holds a part).
+
+Listing comes before decoding: ``source.listing(part)`` gives every usable sample's key, label and a
+small ``ref`` (a file path, a tar member's place, a row) without decoding any image, and
+``source.read_ref(ref, size)`` decodes one. ``samples`` is exactly listing then reading, so the
+prepare stage (``data/prepare.py``) can draw the splits on the listing and decode in parallel
+tasks, each of which opens the source again (``open_source`` is cheap) and reads only its refs. Images that cannot be decoded raise a ``ValueError`` naming
 them, or with ``data.on_bad_image: skip`` are left out and listed in ``source.skipped[part]``
 (and ``ImageSet.skipped``).
 
@@ -70,6 +76,26 @@ class SkippedImage:
 
 
 @dataclass
+class Listing:
+    """A part's samples without their pixels: ``keys``, ``labels`` and ``refs`` in sample order.
+
+    ``refs[i]`` is what ``Source.read_ref`` needs to decode sample ``i`` (plain data that pickles
+    small: a path, a row number, a tar member's offset). ``skipped`` holds the samples rejected while
+    listing (no image member, a bad label) under ``on_bad_image: skip``, with their listing ``order``
+    (the number of samples listed before them), so a caller can merge them with decoding failures in
+    the order ``samples`` would have reported them.
+    """
+
+    keys: list[str]
+    labels: np.ndarray  # int64 (N,)
+    refs: list
+    skipped: list[tuple[int, "SkippedImage"]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
 class ImageSet:
     images: np.ndarray  # uint8 (N, H, W) for one channel, (N, H, W, 3) for RGB
     labels: np.ndarray  # int64 (N,)
@@ -92,9 +118,10 @@ class ImageSet:
 class Source:
     """The protocol every real-image source follows (see the module docstring).
 
-    Subclasses set ``parts``, provide ``class_names`` and implement ``_samples(part, size)``;
-    they read images through ``self._read`` (decoding, mode conversion, bad-image policy) and
-    report unusable samples through ``self._reject``.
+    Subclasses set ``parts``, provide ``class_names`` and implement ``_listing(part)`` (keys,
+    labels and refs, no decoding; unusable samples reported through ``self._reject``) and
+    ``_decode(ref, size)`` (one image, ``BadImage`` when it cannot be used). ``samples`` and
+    ``load`` follow from those two, so listing-then-reading gives exactly the streamed samples.
 
     ``channels``: 1 (grayscale) or 3 (RGB); ``on_bad_image``: ``"error"`` or ``"skip"``;
     ``background``: the grey level transparent pixels are composited over.
@@ -116,12 +143,38 @@ class Source:
     def class_names(self) -> list[str]:
         raise NotImplementedError
 
-    def samples(self, part: str = "train", size: int | None = None) -> Iterator[Sample]:
-        """Stream the part's samples in a fixed order; ``size``: fit every image to size × size."""
+    def _check_part(self, part: str) -> None:
         if part not in self.parts:
             raise ValueError(f"{type(self).__name__} has no {part!r} part (it has {', '.join(self.parts)})")
+
+    def listing(self, part: str = "train") -> Listing:
+        """Every usable sample of the part (keys, labels, refs) in sample order, without decoding an image.
+
+        Samples unusable before decoding (no image, a bad label) raise under ``on_bad_image: error`` and
+        are left out and listed in ``Listing.skipped`` under ``skip``. Images that fail to decode are
+        found only by ``read_ref``.
+        """
+        self._check_part(part)
+        return self._listing(part)
+
+    def read_ref(self, ref, size: int | None = None) -> np.ndarray:
+        """The pixels of one listed sample (``Listing.refs[i]``), fitted to ``size``; ``BadImage`` if unusable."""
+        return self._decode(ref, size)
+
+    def samples(self, part: str = "train", size: int | None = None) -> Iterator[Sample]:
+        """Stream the part's samples in a fixed order; ``size``: fit every image to size × size."""
+        listed = self.listing(part)
+        found = [(order, 0, s) for order, s in listed.skipped]
         self.skipped[part] = []
-        yield from self._samples(part, size)
+        for i, (key, label, ref) in enumerate(zip(listed.keys, listed.labels, listed.refs)):
+            try:
+                image = self._decode(ref, size)
+            except BadImage as err:
+                found.append((i, 1, self._bad(err.name, err.reason)))
+                continue
+            yield Sample(key, image, int(label))
+        # In the order they were met: a listing skip comes before the listed sample that followed it.
+        self.skipped[part] = [s for *_, s in sorted(found, key=lambda t: t[:2])]
 
     def load(self, part: str = "train", size: int | None = None) -> ImageSet:
         """The whole part in memory. Without ``size`` its images must all have the same size."""
@@ -139,22 +192,21 @@ class Source:
         return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64), self.class_names,
                         np.asarray(keys, dtype=str), list(self.skipped[part]))
 
-    def _samples(self, part: str, size: int | None) -> Iterator[Sample]:
+    def _listing(self, part: str) -> Listing:
         raise NotImplementedError
 
-    def _reject(self, part: str, name: str, reason: str) -> None:
-        """A sample that cannot be used: raise, or (``on_bad_image: skip``) list it and go on."""
+    def _decode(self, ref, size: int | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def _bad(self, name: str, reason: str) -> SkippedImage:
+        """A sample that cannot be used: raise (``on_bad_image: error``), or return it to be listed as skipped."""
         if self.on_bad_image == "error":
             raise BadImage(name, reason + " (data.on_bad_image: skip leaves such images out)")
-        self.skipped[part].append(SkippedImage(name, reason))
+        return SkippedImage(name, reason)
 
-    def _read(self, part: str, data, name: str, size: int | None) -> np.ndarray | None:
-        """``images.read_image`` with the bad-image policy: the pixels, or None when skipped."""
-        try:
-            return read_image(data, name, self.channels, size, self.background)
-        except BadImage as err:
-            self._reject(part, err.name, err.reason)
-            return None
+    def _read_image(self, data, name: str, size: int | None) -> np.ndarray:
+        """``images.read_image`` in this source's mode (``BadImage`` when the image cannot be decoded)."""
+        return read_image(data, name, self.channels, size, self.background)
 
 
 class ArraySource(Source):
@@ -187,18 +239,23 @@ class ArraySource(Source):
             images = np.repeat(images[..., None], 3, axis=-1)
         return images if size is None else fit_images(images, size)
 
-    def _samples(self, part: str, size: int | None) -> Iterator[Sample]:
+    def _keys(self, part: str) -> list[str]:
+        digits = len(str(max(len(self._part(part)) - 1, 0)))
+        return [f"{part}/{i:0{digits}d}" for i in range(len(self._part(part)))]
+
+    def _listing(self, part: str) -> Listing:
         arrays = self._part(part)
-        digits = len(str(max(len(arrays) - 1, 0)))
-        for i, (image, label) in enumerate(zip(arrays.images, arrays.labels)):
-            yield Sample(f"{part}/{i:0{digits}d}", self._convert(image[None], size)[0], int(label))
+        return Listing(self._keys(part), np.asarray(arrays.labels, dtype=np.int64),
+                       [(part, i) for i in range(len(arrays))])
+
+    def _decode(self, ref, size: int | None) -> np.ndarray:
+        part, i = ref
+        return self._convert(self._part(part).images[i][None], size)[0]
 
     def load(self, part: str = "train", size: int | None = None) -> ImageSet:
-        if part not in self.parts:
-            raise ValueError(f"{type(self).__name__} has no {part!r} part (it has {', '.join(self.parts)})")
+        self._check_part(part)
         arrays = self._part(part)
-        digits = len(str(max(len(arrays) - 1, 0)))
-        keys = np.asarray([f"{part}/{i:0{digits}d}" for i in range(len(arrays))], dtype=str)
+        keys = np.asarray(self._keys(part), dtype=str)
         return ImageSet(self._convert(arrays.images, size), arrays.labels, self.class_names, keys)
 
 

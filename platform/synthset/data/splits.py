@@ -60,12 +60,8 @@ class Splits:
         return self.private.class_names
 
     def record(self) -> dict:
-        return {"public": self.public_index.tolist(), "private": self.private_index.tolist(),
-                "test": "official test set", "class_names": self.class_names,
-                "public_shift": self.public_shift,
-                "holdout": [] if self.holdout_index is None else self.holdout_index.tolist(),
-                "public_classes": sorted({self.class_names[c] for c in np.unique(self.public.labels)},
-                                         key=self.class_names.index)}
+        return split_record(self.class_names, self.public_index, self.public.labels, self.private_index,
+                            self.holdout_index, self.public_shift)
 
 
 def split_indices(n_train: int, public: int, private: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,13 +99,33 @@ def in_test_set(keys: np.ndarray, fraction: float) -> np.ndarray:
     return np.fromiter((int.from_bytes(d, "big") / 2.0 ** 64 < fraction for d in digests), bool, len(keys))
 
 
-def load_source(cfg: DataConfig, cache_dir: str | Path = FASHION_MNIST_CACHE) -> tuple[ImageSet, ImageSet]:
-    """(train, test) images of ``data.source`` in ``data.channels``.
+def test_rows(keys, fraction: float) -> np.ndarray:
+    """Which of a source's training images form its test set (``in_test_set``), or a ``ValueError`` when
+    ``data.test_fraction`` leaves no training or no test image."""
+    in_test = in_test_set(np.asarray(keys), fraction)
+    if in_test.all() or not in_test.any():
+        left = "no training" if in_test.all() else "no test"
+        raise ValueError(f"data.test_fraction: {fraction} of the {len(in_test)} images of data.path leaves "
+                         f"{left} images; add images or give data.test_path / data.test_split")
+    return in_test
 
-    Sources whose images share one size (Fashion-MNIST, digits) keep it, as the stages expect;
-    the others (any size) are fitted to ``data.image_size``. A source without its own test images
-    gives up ``data.test_fraction`` of them (``in_test_set``). Images skipped under
-    ``data.on_bad_image: skip`` are listed in the returned sets' ``skipped`` and on stderr.
+
+def report_skipped(skipped: list) -> None:
+    """Say on stderr which unreadable images ``data.on_bad_image: skip`` left out."""
+    if skipped:
+        names = ", ".join(s.name for s in skipped[:5]) + (", …" if len(skipped) > 5 else "")
+        print(f"data: skipped {len(skipped)} unreadable image(s) (data.on_bad_image=skip): {names}", file=sys.stderr)
+
+
+def load_source(cfg: DataConfig, cache_dir: str | Path = FASHION_MNIST_CACHE) -> tuple[ImageSet, ImageSet]:
+    """(train, test) images of ``data.source`` in ``data.channels``, all in memory.
+
+    The in-memory reference of what the prepare stage writes (tests compare the two); the stage itself
+    never holds a part (``data/prepare.py``). Sources whose images share one size (Fashion-MNIST,
+    digits) keep it, as the stages expect; the others (any size) are fitted to ``data.image_size``. A
+    source without its own test images gives up ``data.test_fraction`` of them (``in_test_set``).
+    Images skipped under ``data.on_bad_image: skip`` are listed in the returned sets' ``skipped`` and
+    on stderr.
     """
     source = open_source(cfg, cache_dir)
     size = None if source.native_size else cfg.image_size
@@ -117,19 +133,12 @@ def load_source(cfg: DataConfig, cache_dir: str | Path = FASHION_MNIST_CACHE) ->
     if "test" in source.parts:
         test = source.load("test", size)
     else:
-        in_test = in_test_set(train.keys, cfg.test_fraction)
-        if in_test.all() or not in_test.any():
-            left = "no training" if in_test.all() else "no test"
-            raise ValueError(f"data.test_fraction: {cfg.test_fraction} of the {len(train)} images of data.path leaves "
-                             f"{left} images; add images or give data.test_path / data.test_split")
+        in_test = test_rows(train.keys, cfg.test_fraction)
         skipped = train.skipped
         train, test = train.subset(np.flatnonzero(~in_test)), train.subset(np.flatnonzero(in_test))
         train.skipped = skipped
     for part in (train, test):
-        if part.skipped:
-            names = ", ".join(s.name for s in part.skipped[:5]) + (", …" if len(part.skipped) > 5 else "")
-            print(f"data: skipped {len(part.skipped)} unreadable image(s) (data.on_bad_image=skip): {names}",
-                  file=sys.stderr)
+        report_skipped(part.skipped)
     return train, test
 
 
@@ -190,14 +199,33 @@ def make_splits(cfg: DataConfig) -> Splits:
     return split_source(cfg, train, test)
 
 
-def split_source(cfg: DataConfig, train: ImageSet, test: ImageSet) -> Splits:
-    """The seeded public / private / holdout / test splits of a source's (train, test) images."""
-    pub, priv = split_indices(len(train), cfg.splits.public, cfg.splits.private, cfg.splits.seed)
+def draw_splits(cfg: DataConfig, labels: np.ndarray, class_names: list[str]) -> tuple[np.ndarray, ...]:
+    """(public, private, holdout) indices into a source's training images (``labels``: their classes).
+
+    Seeded (``split_indices``, ``holdout_indices``); the public split keeps ``data.public_classes``.
+    A class without a private training image is a ``ValueError`` saying what would fix it.
+    """
+    pub, priv = split_indices(len(labels), cfg.splits.public, cfg.splits.private, cfg.splits.seed)
     priv, held = holdout_indices(priv, cfg.splits.holdout, cfg.splits.seed)
-    empty = [train.class_names[c] for c in range(len(train.class_names)) if not (train.labels[priv] == c).any()]
+    empty = [class_names[c] for c in range(len(class_names)) if not (labels[priv] == c).any()]
     if empty:
         raise ValueError(f"data.splits.private: no images of class(es) {empty}; increase data.splits.private")
-    pub = pub[np.isin(train.labels[pub], public_class_ids(cfg, train.class_names))]
+    return pub[np.isin(labels[pub], public_class_ids(cfg, class_names))], priv, held
+
+
+def split_record(class_names: list[str], public_index: np.ndarray, public_labels: np.ndarray,
+                 private_index: np.ndarray, holdout_index: np.ndarray | None, public_shift: str) -> dict:
+    """What ``splits.json`` records (``Splits.record``): indices into the source's training images."""
+    return {"public": public_index.tolist(), "private": private_index.tolist(),
+            "test": "official test set", "class_names": class_names,
+            "public_shift": public_shift,
+            "holdout": [] if holdout_index is None else holdout_index.tolist(),
+            "public_classes": sorted({class_names[c] for c in np.unique(public_labels)}, key=class_names.index)}
+
+
+def split_source(cfg: DataConfig, train: ImageSet, test: ImageSet) -> Splits:
+    """The seeded public / private / holdout / test splits of a source's (train, test) images, in memory."""
+    pub, priv, held = draw_splits(cfg, train.labels, train.class_names)
     original = train.subset(pub)
     public = ImageSet(shift_images(original.images, cfg.public_shift), original.labels, original.class_names,
                       original.keys)

@@ -34,8 +34,10 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from synthset.data.images import IMAGE_SUFFIXES
-from synthset.data.sources import Sample, Source
+from synthset.data.sources import Listing, Source
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _IMAGE_EXTENSIONS = {s.lstrip(".") for s in IMAGE_SUFFIXES}
@@ -83,6 +85,17 @@ def iter_tar_samples(shard: Path, want) -> Iterator[tuple[str, dict[str, bytes]]
     Consecutive members with the same key form one sample. Payloads are read into memory; nothing
     is extracted to disk, so member names (even ``../x``) never touch the file system.
     """
+    for key, members in iter_tar_members(shard, want, keep=lambda ext: False):
+        yield key, {ext: payload for ext, (_, payload) in members.items()}
+
+
+def iter_tar_members(shard: Path, read, keep=lambda ext: True) -> Iterator[tuple[str, dict[str, tuple]]]:
+    """(sample key, {extension: (TarInfo, payload or None)}) per sample of a shard, in file order.
+
+    Members ``keep(ext)`` rejects are left out; of those kept, only the payloads ``read(ext)`` accepts
+    are read (the others give None, their ``TarInfo.offset_data`` says where they are). The first member
+    of each extension counts. Errors name the shard.
+    """
     key, members = None, {}
     try:
         with tarfile.open(shard, mode="r:*") as tar:
@@ -94,8 +107,8 @@ def iter_tar_samples(shard: Path, want) -> Iterator[tuple[str, dict[str, bytes]]
                     if key is not None:
                         yield key, members
                     key, members = member_key, {}
-                if want(ext) and ext not in members:
-                    members[ext] = tar.extractfile(info).read()
+                if (read(ext) or keep(ext)) and ext not in members:
+                    members[ext] = (info, tar.extractfile(info).read() if read(ext) else None)
     except (tarfile.TarError, OSError, EOFError) as err:
         # A damaged shard is not one bad image: data.on_bad_image does not skip it.
         raise ValueError(f"{shard}: unreadable tar file ({type(err).__name__}: {err})") from None
@@ -124,6 +137,7 @@ class WebDatasetSource(Source):
         self.parts = tuple(self.shards)
         self.path, self.label_key = path, label_key
         self._class_names = list(class_names) if class_names else None
+        self._open = None  # (shard, its byte stream, the raw file): the shard _member_bytes last read
 
     @property
     def class_names(self) -> list[str]:
@@ -199,20 +213,50 @@ class WebDatasetSource(Source):
             raise ValueError(f"class index {value} outside 0..{len(names) - 1} ({len(names)} class names)")
         return value
 
-    def _samples(self, part: str, size: int | None) -> Iterator[Sample]:
+    def _listing(self, part: str) -> Listing:
+        """Reads the label members only; each image member is located (shard, offset, size), not read."""
         label_ext = self._label_ext()
+        keys, labels, refs, skipped = [], [], [], []
         for shard in self.shards[part]:
-            for key, members in iter_tar_samples(shard, lambda e: e == label_ext or _is_image(e)):
+            for key, members in iter_tar_members(shard, lambda e: e == label_ext, _is_image):
                 name = f"{shard}:{key}"
                 image_ext = next((e for e in members if _is_image(e)), None)
                 if image_ext is None:
-                    self._reject(part, name, "sample has no image member")
+                    skipped.append((len(keys), self._bad(name, "sample has no image member")))
                     continue
                 try:
-                    label = self._label_index(self._raw_label(members))
+                    label = self._label_index(self._raw_label({e: p for e, (_, p) in members.items()}))
                 except ValueError as err:
-                    self._reject(part, name, str(err))
+                    skipped.append((len(keys), self._bad(name, str(err))))
                     continue
-                image = self._read(part, members[image_ext], f"{shard}:{key}.{image_ext}", size)
-                if image is not None:
-                    yield Sample(f"{shard.name}/{key}", image, label)
+                info = members[image_ext][0]
+                keys.append(f"{shard.name}/{key}")
+                labels.append(label)
+                refs.append((str(shard), f"{key}.{image_ext}", info.offset_data, info.size))
+        return Listing(keys, np.asarray(labels, dtype=np.int64), refs, skipped)
+
+    def _decode(self, ref, size: int | None) -> np.ndarray:
+        shard, member, offset, length = ref
+        return self._read_image(self._member_bytes(shard, offset, length), f"{shard}:{member}", size)
+
+    def _member_bytes(self, shard: str, offset: int, length: int) -> bytes:
+        """A member's payload by its offset. The shard's file stays open for the next member: a task reads
+        its members in shard order, so a compressed shard is decompressed once, not once per member."""
+        if self._open is None or self._open[0] != shard:
+            self.close()
+            raw = open(shard, "rb")
+            self._open = (shard, tarfile.open(fileobj=raw, mode="r:*").fileobj, raw)
+        f = self._open[1]
+        try:
+            f.seek(offset)
+            data = f.read(length)
+        except (OSError, EOFError) as err:
+            raise ValueError(f"{shard}: unreadable tar file ({type(err).__name__}: {err})") from None
+        if len(data) != length:
+            raise ValueError(f"{shard}: unreadable tar file (member at {offset} is cut short)")
+        return data
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open[2].close()
+            self._open = None
