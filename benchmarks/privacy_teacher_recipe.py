@@ -65,7 +65,7 @@ def main() -> None:
     import torch
 
     from synthset.config import load_config
-    from synthset.data.splits import fit_images, to_unit_tensor
+    from synthset.data.splits import to_unit_tensor
     from synthset.eval.lira import keep_matrix
     from synthset.eval.membership import (candidate_pool, draw_candidates, membership_accuracy, score_shadows,
                                           shadow_seed, shadow_train_index)
@@ -100,7 +100,7 @@ def main() -> None:
     keep = keep_matrix(privacy.num_shadows, len(candidates), privacy.seed)
     test = load_splits(cfg).test
     t_idx = np.random.default_rng(0).choice(len(test.labels), min(2000, len(test.labels)), replace=False)
-    x_test = to_unit_tensor(fit_images(test.images[t_idx], cfg.data.image_size))
+    x_test = to_unit_tensor(test.read(t_idx, cfg.data.image_size))
     y_test = test.labels[t_idx]
     results = []
     for text in args.recipe or [""]:

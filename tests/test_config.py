@@ -63,7 +63,7 @@ def test_stage_hashes_follow_dependencies():
     assert stage_hash(base, "synthesis") != stage_hash(synth, "synthesis")
     assert stage_hash(base, "label") != stage_hash(synth, "label")
     assert stage_hash(base, "synthesis") == stage_hash(load_config(None), "synthesis")  # stable
-    execution = load_config(None, ["synthesis.actors.max=4", "label.batch_size=9", "student.in_memory_limit=5"])
+    execution = load_config(None, ["synthesis.actors.max=4", "label.batch_size=9", "student.in_memory_bytes=5"])
     assert stage_hash(base, "synthesis") == stage_hash(execution, "synthesis")
     assert stage_hash(base, "label") == stage_hash(execution, "label")
     assert stage_hash(base, "student") == stage_hash(execution, "student")

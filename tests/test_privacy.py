@@ -153,7 +153,7 @@ def test_shadow_sets_are_named_by_the_teacher_stage_policy_and_the_shadow_inputs
     assert shadow_dir(digits_config, privacy, "pipeline-soft").hash != base.hash
     # The data and the Teacher recipe enter exactly as they enter the Teacher stage's hash.
     for override, same in (("teacher.epochs=3", False), ("data.splits.private=200", False),
-                           ("teacher.in_memory_limit=5", True), ("student.epochs=2", True)):
+                           ("teacher.in_memory_bytes=5", True), ("student.epochs=2", True)):
         other = load_config(None, [f"output.root={digits_config.output.root}", *DIGITS, override])
         same_teacher = stage_hash(other, "teacher") == stage_hash(digits_config, "teacher")
         assert (shadow_dir(other, privacy).hash == base.hash) is same is same_teacher, override

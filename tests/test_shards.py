@@ -118,10 +118,12 @@ def test_ray_read_webdataset(tmp_path):
 
 
 class _EchoShard:
-    """A stand-in shard actor: returns a stats row per shard without a model."""
+    """A stand-in shard worker: returns a stats row per shard without a model; shard 99 holds a bad file."""
 
-    def __call__(self, batch):
-        return {"index": list(batch["shard"]), "stats": [{"count": 1, "shard": int(s)} for s in batch["shard"]]}
+    def __call__(self, task):
+        if task["shard"] == 99:
+            raise ValueError("/data/cat/broken.png: cannot read image (truncated)")
+        return {"count": 1, "shard": int(task["shard"])}
 
 
 def test_shard_pool_uses_no_deprecated_ray_arguments():
@@ -129,8 +131,7 @@ def test_shard_pool_uses_no_deprecated_ray_arguments():
     import warnings
 
     ray = pytest.importorskip("ray")
-    from synthset.config import ActorsConfig
-    from synthset.stages.synthesize import _run_shard_pool
+    from synthset.stages.shard_pool import PoolResources, run_shard_pool
 
     here = os.path.dirname(os.path.abspath(__file__))  # the workers import _EchoShard from this file
     path = os.pathsep.join([here, os.path.join(os.path.dirname(here), "platform")])
@@ -139,8 +140,11 @@ def test_shard_pool_uses_no_deprecated_ray_arguments():
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            stats = _run_shard_pool([{"shard": i, "start": 0, "stop": 1} for i in range(3)], _EchoShard, {},
-                                    ActorsConfig(min=1, max=1, num_cpus=1), "echo", 3, 0)
+            stats = run_shard_pool([{"shard": i, "start": 0, "stop": 1} for i in range(3)], _EchoShard, {},
+                                   PoolResources(min=1, max=1, num_cpus=1), "echo", 3, 0)
+        # A worker's own error reaches the driver as itself, naming the file, not as Ray's wrapper.
+        with pytest.raises(ValueError, match=r"^/data/cat/broken\.png: cannot read image"):
+            run_shard_pool([{"shard": 99}], _EchoShard, {}, PoolResources(min=1, max=1, num_cpus=1), "echo", 1)
     finally:
         ray.shutdown()
     assert sorted(s["shard"] for s in stats) == [0, 1, 2]

@@ -546,8 +546,14 @@ class ClassifierConfig(Section):
         "training and at test: a Student trained on images decoded through a small VAE (softer than real photos) then "
         "sees real test images as soft as its training data. null: none.")
     seed: int = Field(0, ge=0)
-    in_memory_limit: int = Field(200_000, ge=0, description="Synthetic datasets up to this size are decoded once "
-                                 "into memory; larger ones stream from the shards every epoch.")
+    in_memory_bytes: int = Field(256 * 2 ** 20, ge=0, description="A worker's share of the training images is "
+                                 "decoded once and kept (uint8, at the model's input size) when it fits in this many "
+                                 "bytes; otherwise it streams from the shards every epoch (DataLoader workers, a "
+                                 "shuffle buffer of shuffle_bytes), so memory follows the batch, not the dataset.")
+    shuffle_bytes: int = Field(64 * 2 ** 20, ge=0, description="Streaming: the shuffle buffer's size in bytes of "
+                               "uint8 images (at least 256 images).")
+    loader_workers: int = Field(1, ge=0, description="Streaming: DataLoader processes decoding shards beside each "
+                                "training worker (0: in the training process).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel).")
     cpus_per_worker: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -636,6 +642,8 @@ class ReplicationConfig(Section):
     action: Literal["flag", "drop"] = Field("flag", description="flag: record copies in the audit; drop: also "
                                             "remove them from the dataset the Student trains on.")
     device: Literal["cpu", "cuda"] = "cpu"
+    actors: ActorsConfig = Field(default_factory=lambda: ActorsConfig(), description="The gate's shard-pool actors "
+                                 "(one synthetic shard per task; give them num_gpus with device: cuda).")
 
 
 class EvaluateConfig(Section):
@@ -730,9 +738,10 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 # actors resumes the same dataset instead of starting a new one. The synthesis batch size stays
 # in: on CPU, a different batch size can change a pixel by one grey level (tests/test_synthesis_resume.py).
 EXECUTION_ONLY = ("synthesis.actors", "label.batch_size", "label.actors",
-                  "teacher.in_memory_limit", "student.in_memory_limit",
+                  *[f"{role}.{field}" for role in ("teacher", "student")
+                    for field in ("in_memory_bytes", "shuffle_bytes", "loader_workers")],
                   "data.caption.actors", "data.caption.batch_size", "data.caption.part_size",
-                  "replication.device", "evaluate.enabled", "privacy.cpus_per_shadow", "privacy.gpus_per_shadow",
+                  "replication.device", "replication.actors", "evaluate.enabled", "privacy.cpus_per_shadow", "privacy.gpus_per_shadow",
                   # the export gate's thresholds and destination: read by the export step only
                   "privacy.max_auc", "privacy.max_tpr_at_0_1pct_fpr", "privacy.export_to",
                   # when generators checkpoint and draw sample grids (a resumed run equals an unbroken one)

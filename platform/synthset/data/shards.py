@@ -145,7 +145,8 @@ def shard_paths(dataset: str) -> list[str]:
 
 
 def iter_shard(path: str, decode: bool = True) -> Iterator[dict]:
-    """Samples of one shard, grouped by key, in file order."""
+    """Samples of one shard, grouped by key, in file order: key, image (uint8, or the encoded bytes without
+    ``decode``), image_ext, cls, meta and soft when present."""
     data = storage.read_bytes(path)
     current: dict | None = None
     with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
@@ -160,6 +161,7 @@ def iter_shard(path: str, decode: bool = True) -> Iterator[dict]:
                 current = {"key": key}
             if ext in ("png", "jpg", "jpeg"):
                 current["image"] = decode_image(payload, f"{path}:{info.name}") if decode else payload
+                current["image_ext"] = ext
             elif ext == "cls":
                 current["cls"] = int(payload)
             elif ext == "json":
@@ -176,29 +178,29 @@ def image_to_tensor(image: np.ndarray, size: int | None = None, channels: int | 
     Generators may produce another resolution or colour mode than the classifiers read (SD 2.1
     writes 512 px RGB); ``size`` and ``channels`` bring every image to the classifier's input.
     """
-    if ((size is not None and image.shape[:2] != (size, size)) or (channels == 1 and image.ndim == 3)
-            or (channels == 3 and image.ndim == 2)):
-        pil = Image.fromarray(image)
-        if channels is not None:
-            pil = pil.convert("L" if channels == 1 else "RGB")
-        if size is not None and pil.size != (size, size):
-            pil = pil.resize((size, size), Image.BILINEAR)
-        image = np.asarray(pil)
-    x = torch.from_numpy(np.array(image, copy=True)).float().div(127.5).sub(1.0)
+    x = torch.from_numpy(np.array(fitted_image(image, size, channels), copy=True)).float().div(127.5).sub(1.0)
     return x[None] if x.ndim == 2 else x.permute(2, 0, 1)
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
-    """Stream a synthetic dataset: shards split across ranks and DataLoader workers.
+    """Stream a shard dataset (synthetic or a prepared split): its samples split across ranks and workers.
 
-    Yields ``(image tensor, cls, soft or None)``. With ``shuffle``, the shard order is permuted
-    with ``seed + epoch`` and samples pass through a shuffle buffer of ``buffer`` samples.
+    Yields ``(image tensor, cls, soft or empty)``; images stay uint8 (in the shuffle buffer too) until
+    the sample is yielded. Every sample goes to exactly one *consumer* (rank × DataLoader worker): whole
+    shards, dealt round-robin, when there are at least as many shards as consumers; otherwise every
+    consumer reads every shard and keeps every n-th sample (a small dataset on many workers). With
+    ``shuffle`` each consumer's shards are read in an order permuted with ``seed + epoch`` and samples
+    pass through a shuffle buffer of ``buffer`` samples. ``rank_batches`` says how many batches a rank
+    yields per epoch, so data-parallel ranks can stop together.
     """
 
     def __init__(self, dataset: str, shuffle: bool = False, seed: int = 0, buffer: int = 2000,
                  rank: int = 0, world_size: int = 1, limit: int | None = None,
-                 image_size: int | None = None, channels: int | None = None):
-        self.paths = shard_paths(dataset)
+                 image_size: int | None = None, channels: int | None = None, shift: str = "none"):
+        shards = read_manifest(dataset)["shards"]
+        self.shift = shift  # data.public_shift of a prepared public split, applied to each image as it is decoded
+        self.paths = [storage.join(dataset, s["shard"]) for s in shards]
+        self.counts = [s["count"] for s in shards]
         self.image_size, self.channels = image_size, channels
         self.shuffle, self.seed, self.buffer = shuffle, seed, buffer
         self.rank, self.world_size, self.limit = rank, world_size, limit
@@ -207,28 +209,60 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _my_paths(self) -> list[str]:
-        paths = list(self.paths)
-        rng = np.random.default_rng(self.seed + self.epoch)
-        if self.shuffle:
-            paths = [paths[i] for i in rng.permutation(len(paths))]
+    def _consumer_shards(self, consumer: int, consumers: int) -> list[tuple[int, int | None]]:
+        """(shard, stride start or None for the whole shard) that ``consumer`` of ``consumers`` reads, in order."""
+        if len(self.paths) >= consumers:
+            mine = list(range(consumer, len(self.paths), consumers))
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, self.epoch, consumer]).permutation(len(mine))
+                mine = [mine[i] for i in order]
+            return [(i, None) for i in mine]
+        # Fewer shards than consumers: sample k of the dataset goes to consumer k mod consumers.
+        firsts = np.concatenate([[0], np.cumsum(self.counts)])
+        return [(i, (consumer - int(firsts[i])) % consumers) for i in range(len(self.paths))]
+
+    def consumer_count(self, consumer: int, consumers: int) -> int:
+        """Samples ``consumer`` yields in an epoch (before ``limit``)."""
+        total = 0
+        for shard, start in self._consumer_shards(consumer, consumers):
+            n = self.counts[shard]
+            total += n if start is None else len(range(start, n, consumers))
+        return total
+
+    def rank_batches(self, rank: int, batch_size: int, workers: int = 0) -> int:
+        """Batches a DataLoader (``workers`` processes, 0: in-process) over rank ``rank`` yields per epoch:
+        each worker's samples are batched apart, so a rank yields the sum of its workers' batches."""
+        per_rank = max(1, workers)
+        consumers = self.world_size * per_rank
+        counts = [self.consumer_count(rank * per_rank + w, consumers) for w in range(per_rank)]
+        if self.limit is not None:  # the limit holds per consumer
+            counts = [min(c, self.limit) for c in counts]
+        return sum((c + batch_size - 1) // batch_size for c in counts)
+
+    def samples(self) -> Iterator[dict]:
+        """This consumer's raw samples (dicts with the decoded uint8 ``image``), unshuffled."""
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return paths[self.rank * workers + worker::self.world_size * workers]
-
-    def _samples(self) -> Iterator[dict]:
+        consumers = self.world_size * workers
         n = 0
-        for path in self._my_paths():
-            for s in iter_shard(path):
+        for shard, start in self._consumer_shards(self.rank * workers + worker, consumers):
+            for i, s in enumerate(iter_shard(self.paths[shard], decode=False)):
+                if start is not None and (i - start) % consumers:
+                    continue
                 if self.limit is not None and n >= self.limit:
                     return
                 n += 1
+                s["image"] = decode_image(s["image"], f"{self.paths[shard]}:{s['key']}")
+                if self.shift != "none":
+                    from synthset.data.splits import shift_images
+
+                    s["image"] = shift_images(s["image"][None], self.shift)[0]
                 yield s
 
     def __iter__(self):
         rng = np.random.default_rng(self.seed + 1000 + self.epoch)
         buf: list[dict] = []
-        for s in self._samples():
+        for s in self.samples():
             if not self.shuffle:
                 yield self._item(s)
                 continue
@@ -241,6 +275,19 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def _item(self, s: dict):
         soft = torch.from_numpy(s["soft"]) if "soft" in s else torch.empty(0)
         return image_to_tensor(s["image"], self.image_size, self.channels), s["cls"], soft
+
+
+def fitted_image(image: np.ndarray, size: int | None = None, channels: int | None = None) -> np.ndarray:
+    """uint8 (H, W[, C]) brought to ``size`` and ``channels`` (``image_to_tensor``'s conversion, kept uint8)."""
+    if ((size is not None and image.shape[:2] != (size, size)) or (channels == 1 and image.ndim == 3)
+            or (channels == 3 and image.ndim == 2)):
+        pil = Image.fromarray(image)
+        if channels is not None:
+            pil = pil.convert("L" if channels == 1 else "RGB")
+        if size is not None and pil.size != (size, size):
+            pil = pil.resize((size, size), Image.BILINEAR)
+        image = np.asarray(pil)
+    return image
 
 
 def read_ray_dataset(dataset: str):

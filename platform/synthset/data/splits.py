@@ -45,6 +45,9 @@ BLUR_RADIUS = 1.0    # Gaussian blur radius in pixels (PIL), at the source resol
 
 @dataclass
 class Splits:
+    """The splits of a source: ``ImageSet`` s in memory (``split_source``, the reference tests compare with) or
+    ``data.prepare.PreparedSplit`` handles over the prepared shards (``read_prepared``: what stages get)."""
+
     public: ImageSet
     private: ImageSet
     test: ImageSet
@@ -254,3 +257,23 @@ def to_unit_tensor(images: np.ndarray, channels: int | None = None):
     if channels is not None and x.shape[1] == 1 and channels == 3:
         x = x.expand(-1, 3, -1, -1).contiguous()
     return x
+
+
+class UnitImages:
+    """uint8 images (N, H, W[, C]) that index like ``to_unit_tensor(images).to(device)``: ``x[idx]`` converts just
+    the rows asked for, so a training loop that draws batches by index holds the images at 1 byte a pixel
+    instead of 4 (the same float values, a batch at a time)."""
+
+    def __init__(self, images: np.ndarray, device="cpu", channels: int | None = None):
+        self.images, self.device, self.channels = images, device, channels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx):
+        import torch
+
+        if isinstance(idx, torch.Tensor):
+            idx = idx.cpu().numpy()
+        rows = self.images[idx]
+        return to_unit_tensor(rows if rows.ndim == self.images.ndim else rows[None], self.channels).to(self.device)

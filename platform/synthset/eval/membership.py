@@ -38,12 +38,11 @@ def candidate_pool(cfg: Config) -> tuple[np.ndarray, np.ndarray, int, list[str]]
     Pool = the private training split, then the holdout (if any): index i < num_private is
     ``splits.private[i]``, the others ``splits.holdout[i − num_private]``.
     """
-    from synthset.data.splits import fit_images
     from synthset.stages.prepare import load_splits
 
     splits = load_splits(cfg)
     parts = [splits.private] + ([splits.holdout] if splits.holdout is not None else [])
-    images = np.concatenate([fit_images(p.images, cfg.data.image_size) for p in parts])
+    images = np.concatenate([p.read(size=cfg.data.image_size) for p in parts])
     labels = np.concatenate([p.labels for p in parts])
     return images, labels, len(splits.private), splits.class_names
 

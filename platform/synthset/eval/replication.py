@@ -72,52 +72,101 @@ def _blocks(n: int, size: int):
         yield start, min(n, start + size)
 
 
-def nearest_tiled_l2(queries: np.ndarray, reference: np.ndarray, tile: int, reduce: Literal["max", "mean"] = "max",
-                     chunk: int = 1024, exclude_self: bool = False, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def _unit(images) -> np.ndarray:
+    """A reference chunk in the [0, 1] float layout of ``nearest_tiled_l2``: uint8 (stored) images are converted,
+    float ones are taken as already there."""
+    images = np.asarray(images)
+    return as_unit_images(images, "reference") if images.dtype == np.uint8 else images.astype(np.float32, copy=False)
+
+
+class Chunks:
+    """A reference set (images or features) kept outside the computing process as chunks: ``parts[k]`` is
+    what ``load`` turns into chunk k (an array slice, a ``.npy`` path, a Ray object ref), ``sizes[k]`` its
+    rows. Iterating yields (offset of the chunk's first row, array), one chunk in memory at a time."""
+
+    def __init__(self, parts: list, sizes: list[int], load: Callable = lambda part: part):
+        self.parts, self.sizes, self.load = list(parts), [int(n) for n in sizes], load
+
+    @classmethod
+    def of(cls, array: np.ndarray, chunk: int) -> "Chunks":
+        """An in-memory array seen as chunks of ``chunk`` rows (views, no copy)."""
+        spans = list(_blocks(len(array), max(1, chunk)))
+        return cls([array[a:b] for a, b in spans], [b - a for a, b in spans])
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def __iter__(self):
+        offset = 0
+        for part, n in zip(self.parts, self.sizes):
+            yield offset, self.load(part)
+            offset += n
+
+
+# The (tiles × queries × references) float32 distance block of ``nearest_tiled_l2`` stays under this many bytes.
+BLOCK_BYTES = 64 * 2 ** 20
+
+
+def nearest_tiled_l2(queries: np.ndarray, reference, tile: int, reduce: Literal["max", "mean"] = "max",
+                     chunk: int = 1024, exclude_self: bool = False, device: str = "cpu",
+                     query_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Nearest reference image of every query under the tiled RMS distance (see the module docstring).
 
-    ``queries`` (M, C, H, W), ``reference`` (N, C, H, W): float in [0, 1] (``as_unit_images``).
-    ``exclude_self``: queries *are* the reference (same order) and an image is not its own
-    neighbour. Returns (index (M,) int64, distance (M,) float32). Blocks of ``chunk`` × ``chunk``
-    pairs: per tile one matmul, then the max (or mean) over tiles and a running minimum.
+    ``queries`` (M, C, H, W) float in [0, 1] (``as_unit_images``); ``reference``: the same, or a ``Chunks``
+    of uint8/float images loaded one chunk at a time. ``exclude_self``: queries *are* the reference (same
+    order) and an image is not its own neighbour; ``query_rows``: more generally, each query's own row in
+    the reference (excluded). Returns (index (M,) int64, distance (M,) float32). Per reference chunk and
+    per block of queries and references (``chunk`` at most, and at most ``BLOCK_BYTES`` of distances): per
+    tile one matmul, then the max (or mean) over tiles and a running minimum.
     """
     import torch
 
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce: must be 'max' or 'mean' (got {reduce!r})")
-    if queries.shape[1:] != reference.shape[1:]:
-        raise ValueError(f"queries: image shape {queries.shape[1:]} differs from the reference's {reference.shape[1:]}")
-    if exclude_self and len(queries) != len(reference):
-        raise ValueError("exclude_self: queries and reference must be the same images")
-    if len(reference) < (2 if exclude_self else 1):
+    if not isinstance(reference, Chunks):
+        reference = np.asarray(reference)
+        if queries.shape[1:] != reference.shape[1:]:
+            raise ValueError(f"queries: image shape {queries.shape[1:]} differs from the reference's "
+                             f"{reference.shape[1:]}")
+        reference = Chunks.of(reference, len(reference) or 1)
+    if exclude_self:
+        if len(queries) != len(reference):
+            raise ValueError("exclude_self: queries and reference must be the same images")
+        query_rows = np.arange(len(queries))
+    if len(reference) < (2 if query_rows is not None else 1):
         raise ValueError("reference: needs at least one image (two with exclude_self)")
-    ref = torch.from_numpy(to_tiles(reference, tile)).to(device).transpose(0, 1).contiguous()  # (T, N, D)
-    ref_sq = (ref ** 2).sum(-1)  # (T, N)
-    dim = ref.shape[-1]
-    best_i = np.empty(len(queries), dtype=np.int64)
-    best_d = np.empty(len(queries), dtype=np.float32)
-    for q0, q1 in _blocks(len(queries), chunk):
-        q = torch.from_numpy(to_tiles(queries[q0:q1], tile)).to(device).transpose(0, 1)  # (T, m, D)
-        q_sq = (q ** 2).sum(-1)
-        run_d = torch.full((q1 - q0,), float("inf"), device=device)
-        run_i = torch.zeros(q1 - q0, dtype=torch.long, device=device)
-        for r0, r1 in _blocks(ref.shape[1], chunk):
-            sq = torch.baddbmm(q_sq[:, :, None] + ref_sq[:, None, r0:r1], q, ref[:, r0:r1].transpose(1, 2), alpha=-2)
-            if reduce == "max":  # clamp, /dim and sqrt are monotonic: take the max first, on one (m, n) matrix
-                d = sq.amax(0).clamp_min_(0).div_(dim).sqrt_()
-            else:
-                d = sq.clamp_min_(0).div_(dim).sqrt_().mean(0)  # mean of the per-tile RMS
-            if exclude_self:
-                rows = torch.arange(q0, q1, device=device)
-                hit = (rows >= r0) & (rows < r1)
-                d[hit.nonzero()[:, 0], rows[hit] - r0] = float("inf")
-            m_d, m_i = d.min(1)
-            better = m_d < run_d
-            run_d = torch.where(better, m_d, run_d)
-            run_i = torch.where(better, m_i + r0, run_i)
-        best_d[q0:q1] = run_d.cpu().numpy()
-        best_i[q0:q1] = run_i.cpu().numpy()
-    return best_i, best_d
+    q_all = torch.from_numpy(to_tiles(np.ascontiguousarray(queries, dtype=np.float32), tile)).to(device)
+    q_all = q_all.transpose(0, 1)  # (T, M, D)
+    tiles, dim = q_all.shape[0], q_all.shape[-1]
+    q_sq_all = (q_all ** 2).sum(-1)
+    side = max(1, min(chunk, int((BLOCK_BYTES / (4 * tiles)) ** 0.5)))
+    run_d = torch.full((len(queries),), float("inf"), device=device)
+    run_i = torch.zeros(len(queries), dtype=torch.long, device=device)
+    own = None if query_rows is None else torch.as_tensor(np.asarray(query_rows), device=device)
+    for offset, ref_chunk in reference:
+        ref_unit = _unit(ref_chunk)
+        if ref_unit.shape[1:] != queries.shape[1:]:
+            raise ValueError(f"queries: image shape {queries.shape[1:]} differs from the reference's "
+                             f"{ref_unit.shape[1:]}")
+        for r0, r1 in _blocks(len(ref_unit), side):
+            ref = torch.from_numpy(to_tiles(ref_unit[r0:r1], tile)).to(device).transpose(0, 1).contiguous()
+            ref_sq = (ref ** 2).sum(-1)  # (T, n)
+            for q0, q1 in _blocks(len(queries), side):
+                q, q_sq = q_all[:, q0:q1], q_sq_all[:, q0:q1]
+                sq = torch.baddbmm(q_sq[:, :, None] + ref_sq[:, None, :], q, ref.transpose(1, 2), alpha=-2)
+                if reduce == "max":  # clamp, /dim and sqrt are monotonic: take the max first, on one (m, n) matrix
+                    d = sq.amax(0).clamp_min_(0).div_(dim).sqrt_()
+                else:
+                    d = sq.clamp_min_(0).div_(dim).sqrt_().mean(0)  # mean of the per-tile RMS
+                if own is not None:
+                    rows = own[q0:q1] - (offset + r0)
+                    hit = (rows >= 0) & (rows < r1 - r0)
+                    d[hit.nonzero()[:, 0], rows[hit]] = float("inf")
+                m_d, m_i = d.min(1)
+                better = m_d < run_d[q0:q1]
+                run_d[q0:q1] = torch.where(better, m_d, run_d[q0:q1])
+                run_i[q0:q1] = torch.where(better, m_i + offset + r0, run_i[q0:q1])
+    return run_i.cpu().numpy().astype(np.int64), run_d.cpu().numpy().astype(np.float32)
 
 
 def _unit_rows(features, name: str):
@@ -130,35 +179,40 @@ def _unit_rows(features, name: str):
 
 
 def nearest_cosine(query_features, reference_features, chunk: int = 4096, exclude_self: bool = False,
-                   device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Most cosine-similar reference row of every query row: (index (M,) int64, similarity (M,) float32)."""
+                   device: str = "cpu", query_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Most cosine-similar reference row of every query row: (index (M,) int64, similarity (M,) float32).
+
+    ``reference_features``: (N, F), or a ``Chunks`` of them; ``exclude_self``/``query_rows`` as for
+    ``nearest_tiled_l2``."""
     import torch
 
     q_all = _unit_rows(query_features, "query_features")
-    ref = _unit_rows(reference_features, "reference_features").to(device)
-    if q_all.shape[1] != ref.shape[1]:
-        raise ValueError(f"query_features: {q_all.shape[1]} dims, reference_features: {ref.shape[1]}")
-    if exclude_self and len(q_all) != len(ref):
-        raise ValueError("exclude_self: queries and reference must be the same rows")
-    best_i = np.empty(len(q_all), dtype=np.int64)
-    best_s = np.empty(len(q_all), dtype=np.float32)
-    for q0, q1 in _blocks(len(q_all), chunk):
-        run_s = torch.full((q1 - q0,), -float("inf"), device=device)
-        run_i = torch.zeros(q1 - q0, dtype=torch.long, device=device)
-        q = q_all[q0:q1].to(device)
-        for r0, r1 in _blocks(len(ref), chunk):
-            s = q @ ref[r0:r1].T
-            if exclude_self:
-                rows = torch.arange(q0, q1, device=device)
-                hit = (rows >= r0) & (rows < r1)
-                s[hit.nonzero()[:, 0], rows[hit] - r0] = -float("inf")
-            m_s, m_i = s.max(1)
-            better = m_s > run_s
-            run_s = torch.where(better, m_s, run_s)
-            run_i = torch.where(better, m_i + r0, run_i)
-        best_s[q0:q1] = run_s.cpu().numpy()
-        best_i[q0:q1] = run_i.cpu().numpy()
-    return best_i, best_s
+    if not isinstance(reference_features, Chunks):
+        reference_features = Chunks.of(np.asarray(reference_features), chunk)
+    if exclude_self:
+        if len(q_all) != len(reference_features):
+            raise ValueError("exclude_self: queries and reference must be the same rows")
+        query_rows = np.arange(len(q_all))
+    own = None if query_rows is None else torch.as_tensor(np.asarray(query_rows), device=device)
+    run_s = torch.full((len(q_all),), -float("inf"), device=device)
+    run_i = torch.zeros(len(q_all), dtype=torch.long, device=device)
+    for offset, part in reference_features:
+        ref_all = _unit_rows(part, "reference_features").to(device)
+        if q_all.shape[1] != ref_all.shape[1]:
+            raise ValueError(f"query_features: {q_all.shape[1]} dims, reference_features: {ref_all.shape[1]}")
+        for r0, r1 in _blocks(len(ref_all), chunk):
+            ref = ref_all[r0:r1]
+            for q0, q1 in _blocks(len(q_all), chunk):
+                s = q_all[q0:q1].to(device) @ ref.T
+                if own is not None:
+                    rows = own[q0:q1] - (offset + r0)
+                    hit = (rows >= 0) & (rows < r1 - r0)
+                    s[hit.nonzero()[:, 0], rows[hit]] = -float("inf")
+                m_s, m_i = s.max(1)
+                better = m_s > run_s[q0:q1]
+                run_s[q0:q1] = torch.where(better, m_s, run_s[q0:q1])
+                run_i[q0:q1] = torch.where(better, m_i + offset + r0, run_i[q0:q1])
+    return run_i.cpu().numpy().astype(np.int64), run_s.cpu().numpy().astype(np.float32)
 
 
 def batched_features(feature_fn: Callable, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
@@ -222,37 +276,57 @@ class ReplicationResult:
                 "score_mean": float(self.score.mean()) if n else float("nan")}
 
 
+def _gate_unit(images) -> np.ndarray:
+    """The gate's input layouts (uint8 channels-last, or float (N, C, H, W) in [-1, 1]) → float in [0, 1]."""
+    return as_unit_images(images, "real_images")
+
+
 class ReplicationGate:
     """Calibrated nearest-neighbour copy detector against a private image set.
 
     ``ReplicationGate(real_images, metric="tiled_l2", tile=8)`` or
     ``ReplicationGate(real_images, metric="cosine", feature_fn=model.embed)``; then ``check(keys,
-    images)`` per batch. ``real_images``: uint8 (N, H, W[, C]) or float (N, C, H, W) in [-1, 1];
-    ``feature_fn`` receives float (B, C, H, W) in [-1, 1] torch tensors (the models' input).
-    ``real_index`` maps rows of ``real_images`` to the indices reported (default: 0..N−1).
-    ``threshold`` overrides the calibration; ``calibration_size`` subsamples the private images
-    used to calibrate (seeded), for very large private sets.
+    images)`` per batch. ``real_images``: uint8 (N, H, W[, C]) or float (N, C, H, W) in [-1, 1], or a
+    ``Chunks`` of such images kept outside this process (the stage's object-store or file chunks: the
+    private set is then never whole in memory, only one chunk at a time); ``feature_fn`` receives float
+    (B, C, H, W) in [-1, 1] torch tensors (the models' input). ``real_index`` maps rows of ``real_images``
+    to the indices reported (default: 0..N−1). ``threshold`` overrides the calibration;
+    ``calibration_size`` subsamples the private images used to calibrate (seeded), for very large private
+    sets, and ``calibration`` may give those images as ``Chunks`` (rows ``calibration_rows``), so that they
+    too stay out of memory.
     """
 
     def __init__(self, real_images, metric: Metric = "tiled_l2", tile: int = 8,
                  reduce: Literal["max", "mean"] = "max", feature_fn: Callable | None = None,
                  quantile: float = 0.01, threshold: float | None = None, real_index: np.ndarray | None = None,
-                 calibration_size: int | None = None, seed: int = 0, chunk: int = 1024, device: str = "cpu"):
+                 calibration_size: int | None = None, seed: int = 0, chunk: int = 1024, device: str = "cpu",
+                 calibration: Chunks | None = None):
         if metric not in ("tiled_l2", "cosine"):
             raise ValueError(f"metric: must be 'tiled_l2' or 'cosine' (got {metric!r})")
         if metric == "cosine" and feature_fn is None:
             raise ValueError("feature_fn: required for metric='cosine'")
         self.metric, self.tile, self.reduce, self.feature_fn = metric, tile, reduce, feature_fn
         self.chunk, self.device = chunk, device
-        self.real = as_unit_images(real_images, "real_images")
-        if len(self.real) < 2:
+        if isinstance(real_images, Chunks):
+            self.real = real_images
+        else:
+            array = np.asarray(real_images)
+            as_unit_images(array[:1], "real_images")  # the shape check, before anything else
+            self.real = Chunks.of(array, chunk)
+        # The gate's images (uint8, or float in [-1, 1]) become [0, 1] floats a chunk at a time.
+        self.real = Chunks(self.real.parts, self.real.sizes, lambda part, load=self.real.load: _gate_unit(load(part)))
+        n = len(self.real)
+        if n < 2:
             raise ValueError("real_images: need at least 2 private images")
-        self.real_index = np.arange(len(self.real)) if real_index is None else np.asarray(real_index)
-        if self.real_index.shape != (len(self.real),):
-            raise ValueError(f"real_index: expected shape ({len(self.real)},), got {self.real_index.shape}")
-        self.real_features = self._features(self.real) if metric == "cosine" else None
+        self.real_index = np.arange(n) if real_index is None else np.asarray(real_index)
+        if self.real_index.shape != (n,):
+            raise ValueError(f"real_index: expected shape ({n},), got {self.real_index.shape}")
+        self.image_shape = next(iter(self.real))[1].shape[1:]
+        self.real_features = None
+        if metric == "cosine":  # features are small (N × F): computed once, a chunk of images at a time
+            self.real_features = np.concatenate([self._features(c) for _, c in self.real])
         if threshold is None:
-            self.nn_scores = self.private_nn_scores(calibration_size, seed)
+            self.nn_scores = self.private_nn_scores(calibration_size, seed, calibration)
             threshold = calibrate_threshold(self.nn_scores, metric, quantile)
         self.threshold = float(threshold)
 
@@ -262,22 +336,40 @@ class ReplicationGate:
         fn = lambda x: self.feature_fn(torch.from_numpy(x * 2.0 - 1.0))
         return batched_features(fn, unit_images, self.chunk)
 
-    def private_nn_scores(self, calibration_size: int | None = None, seed: int = 0) -> np.ndarray:
-        """Each (sampled) private image's score to its nearest *other* private image."""
-        rows = np.arange(len(self.real))
-        if calibration_size is not None and calibration_size < len(rows):
+    @staticmethod
+    def calibration_rows(n: int, calibration_size: int | None = None, seed: int = 0) -> np.ndarray:
+        """The private rows the threshold is calibrated on: all, or a seeded sorted sample of ``calibration_size``."""
+        rows = np.arange(n)
+        if calibration_size is not None and calibration_size < n:
             rows = np.sort(np.random.default_rng(seed).choice(rows, calibration_size, replace=False))
-        if self.metric == "tiled_l2":
-            return nearest_tiled_l2(self.real[rows], self.real[rows], self.tile, self.reduce, self.chunk,
-                                    exclude_self=True, device=self.device)[1]
-        f = self.real_features[rows]
-        return nearest_cosine(f, f, self.chunk, exclude_self=True, device=self.device)[1]
+        return rows
+
+    def private_nn_scores(self, calibration_size: int | None = None, seed: int = 0,
+                          calibration: Chunks | None = None) -> np.ndarray:
+        """Each (sampled) private image's score to its nearest *other* private image (among the sample)."""
+        rows = self.calibration_rows(len(self.real), calibration_size, seed)
+        if self.metric == "cosine":
+            f = self.real_features[rows]
+            return nearest_cosine(f, f, self.chunk, exclude_self=True, device=self.device)[1]
+        if calibration is None:  # gather the sampled rows (the images are in memory already)
+            picked = [c[rows[(rows >= off) & (rows < off + len(c))] - off] for off, c in self.real]
+            calibration = Chunks.of(np.concatenate(picked), self.chunk)  # already [0, 1] floats
+        else:
+            calibration = Chunks(calibration.parts, calibration.sizes,
+                                 lambda part, load=calibration.load: _gate_unit(load(part)))
+        scores = []
+        for offset, part in calibration:  # queries a chunk at a time, against every calibration chunk
+            scores.append(nearest_tiled_l2(part, calibration, self.tile, self.reduce, self.chunk,
+                                           device=self.device, query_rows=offset + np.arange(len(part)))[1])
+        return np.concatenate(scores)
 
     def check(self, keys: list[str], images) -> ReplicationResult:
         """Nearest private image and copy verdict for one batch of synthetic images."""
         x = as_unit_images(images, "images")
         if len(keys) != len(x):
             raise ValueError(f"keys: {len(keys)} keys for {len(x)} images")
+        if x.shape[1:] != self.image_shape:
+            raise ValueError(f"queries: image shape {x.shape[1:]} differs from the reference's {self.image_shape}")
         if self.metric == "tiled_l2":
             idx, score = nearest_tiled_l2(x, self.real, self.tile, self.reduce, self.chunk, device=self.device)
             is_copy = score <= self.threshold

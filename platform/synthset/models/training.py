@@ -96,11 +96,78 @@ def predict_proba(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def array_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, epoch: int,
-                  soft: torch.Tensor | None = None):
-    """Seeded shuffled mini-batches of in-memory tensors, as (images, labels, soft or empty)."""
+def array_batches(x, y: torch.Tensor, batch_size: int, seed: int, epoch: int,
+                  soft: torch.Tensor | None = None, transform: Callable | None = None):
+    """Seeded shuffled mini-batches of in-memory images, as (images, labels, soft or empty).
+
+    ``x``: float tensors, or uint8 arrays with ``transform`` (e.g. ``to_unit_tensor``) turning each batch
+    into the model's floats — the same values as converting everything first, a batch's worth of memory.
+    """
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
     empty = torch.empty(0)
     for i in range(0, len(x), batch_size):
         idx = perm[i:i + batch_size]
-        yield x[idx], y[idx], (soft[idx] if soft is not None else empty)
+        images = x[idx.numpy()] if isinstance(x, np.ndarray) else x[idx]
+        yield (transform(images) if transform else images), y[idx], (soft[idx] if soft is not None else empty)
+
+
+def predict_split(model: torch.nn.Module, split, size: int, batch_size: int = 512) -> np.ndarray:
+    """``predict_proba`` over a prepared split (``data.prepare.PreparedSplit``), ``batch_size`` images at a
+    time fitted to ``size``: the same batches as ``predict_proba`` on the whole split, a batch of memory."""
+    from synthset.data.splits import to_unit_tensor
+
+    probs = [predict_proba(model, to_unit_tensor(x), batch_size) for _, x in split.batches(batch_size, size=size)]
+    return np.concatenate(probs) if probs else np.zeros((0, 0), dtype=np.float32)
+
+
+def _stream_batches(data, ccfg, steps: int):
+    """``epoch → batches`` of a ``ShardDataset`` through a DataLoader (``ccfg.loader_workers`` processes),
+    stopping after ``steps`` batches so that every data-parallel rank takes the same number of steps."""
+    import itertools
+
+    def batches(epoch):
+        data.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(data, batch_size=ccfg.batch_size, num_workers=ccfg.loader_workers)
+        yield from itertools.islice(loader, steps)
+
+    return batches
+
+
+def classifier_batches(data, ccfg, size: int, channels: int, rank: int = 0, world: int = 1):
+    """(``epoch → batches`` of (float images, classes, soft labels or empty), steps per epoch, training images)
+    for one data-parallel rank of a classifier recipe ``ccfg`` (``ClassifierConfig``).
+
+    ``data``: a prepared split (``data.prepare.PreparedSplit``: real images, positions ``rank::world``) or the
+    URI of a labelled shard dataset (shards dealt across ranks). A rank's share is decoded once and kept as
+    uint8 at ``size`` when it fits in ``ccfg.in_memory_bytes`` (converted to float a batch at a time, the
+    same batches as ever); otherwise it streams from the shards every epoch through a shuffle buffer of
+    ``ccfg.shuffle_bytes``, so memory follows the batch, not the dataset.
+    """
+    from synthset.data.shards import ShardDataset, fitted_image, read_manifest
+    from synthset.data.splits import to_unit_tensor
+
+    image_bytes = size * size * channels
+    buffer = max(256, ccfg.shuffle_bytes // max(1, image_bytes))
+    shift = "none"
+    if not isinstance(data, str):  # a prepared split
+        rows = np.arange(len(data))[rank::world]
+        if len(rows) * image_bytes <= ccfg.in_memory_bytes:
+            x, y = data.read(rows, size), torch.from_numpy(data.labels[rows])
+            steps = (len(x) + ccfg.batch_size - 1) // ccfg.batch_size
+            return (lambda epoch: array_batches(x, y, ccfg.batch_size, ccfg.seed, epoch, transform=to_unit_tensor),
+                    steps, len(data))
+        dataset, n_train, shift = data.uri, len(data), data.shift
+    else:
+        dataset, n_train = data, read_manifest(data)["num_samples"]
+    stream = ShardDataset(dataset, shuffle=True, seed=ccfg.seed, rank=rank, world_size=world, image_size=size,
+                          channels=channels, buffer=buffer, shift=shift)
+    if stream.consumer_count(rank, world) * image_bytes <= ccfg.in_memory_bytes:  # decode once, not every epoch
+        items = [(fitted_image(s["image"], size, channels), s["cls"], s.get("soft")) for s in stream.samples()]
+        xs = np.stack([i[0] for i in items])
+        ys = torch.tensor([i[1] for i in items])
+        soft = torch.stack([torch.from_numpy(i[2]) if i[2] is not None else torch.empty(0) for i in items])
+        steps = (len(xs) + ccfg.batch_size - 1) // ccfg.batch_size
+        return (lambda epoch: array_batches(xs, ys, ccfg.batch_size, ccfg.seed, epoch, soft, transform=to_unit_tensor),
+                steps, n_train)
+    steps = min(stream.rank_batches(r, ccfg.batch_size, ccfg.loader_workers) for r in range(world))
+    return _stream_batches(stream, ccfg, steps), steps, n_train

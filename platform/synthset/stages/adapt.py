@@ -149,7 +149,6 @@ def _ray_storage(stage: StageDir) -> str:
 
 def _training_set(cfg: Config, captions_path: str | None):
     """(images, labels, private positions, prompts, captions) of the selected shots."""
-    from synthset.data.splits import fit_images
     from synthset.stages.prepare import load_splits
     from synthset.stages.caption import read_captions
 
@@ -166,7 +165,7 @@ def _training_set(cfg: Config, captions_path: str | None):
         if len(all_captions) != len(private):
             raise ValueError(f"{captions_path}: {len(all_captions)} captions for {len(private)} private images")
         captions = [all_captions[i] for i in shots]
-    images = fit_images(private.images[shots], cfg.data.image_size)
+    images = private.read(shots, cfg.data.image_size)
     prompts = shot_prompts(cfg, names, labels, captions)
     return images, labels, shots, splits.private_index[shots], prompts, captions, names
 

@@ -22,6 +22,7 @@ from synthset import storage
 from synthset.config import Config, config_hash
 from synthset.methods.plan import shard_ranges
 from synthset.stages.common import StageDir, output_root
+from synthset.stages.shard_pool import PoolResources, run_shard_pool, torch_setup
 
 SPLITS = ("private", "public")
 
@@ -49,13 +50,13 @@ def _part_name(part: int) -> str:
 
 
 def caption_rows(images, index: np.ndarray, captions: list[str], start: int = 0) -> list[dict]:
-    """The JSON rows of ``captions`` for split positions ``start …`` (``images``: the split's ImageSet)."""
+    """The JSON rows of ``captions`` for split positions ``start …`` (``images``: the split, for its labels)."""
     return [{"position": start + i, "index": int(index[start + i]), "class_id": int(images.labels[start + i]),
              "caption": c} for i, c in enumerate(captions)]
 
 
 def write_captions(path: str, images, index: np.ndarray, captions: list[str]) -> None:
-    """Write ``captions.jsonl`` for a whole split (``images``: ImageSet, ``index``: source indices)."""
+    """Write ``captions.jsonl`` for a whole split (``images``: the split, for its labels; ``index``: source indices)."""
     rows = caption_rows(images, index, captions)
     storage.write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
@@ -89,35 +90,31 @@ def _split_images(cfg: Config, split: str):
 
 
 class PartCaptioner:
-    """Ray Data actor: loads the captioner and the split once, turns part rows into written parts."""
+    """Shard-pool worker: loads the captioner once, then captions one part (``{part, start, stop}``) of the
+    split per call, reading just those images from the prepared shards, and writes the part's file."""
 
     def __init__(self, cfg: dict, split: str, parts_dir: str):
         from synthset.models.captioners import load_captioner
-        from synthset.stages.synthesize import _torch_setup
 
         cfg = Config.model_validate(cfg)
         self.cap = cfg.data.caption
-        device, dtype = _torch_setup(self.cap.actors.num_cpus, self.cap.actors.num_gpus, self.cap.dtype)
+        device, dtype = torch_setup(self.cap.actors.num_cpus, self.cap.actors.num_gpus, self.cap.dtype)
         # Half precision only on GPU (bf16 is BLIP-2's production setting); float32 on CPU.
         self.captioner = load_captioner(self.cap.captioner, device, dtype if device == "cuda" else None,
                                         self.cap.max_new_tokens, self.cap.prompt)
         self.images, self.index = _split_images(cfg, split)
         self.parts_dir = parts_dir
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, task: dict) -> dict:
         from synthset.models.captioners import caption_images
 
-        out = {"index": [], "stats": []}
-        for part, start, stop in zip(batch["part"], batch["start"], batch["stop"]):
-            t0 = time.time()
-            start, stop = int(start), int(stop)
-            captions = caption_images(self.captioner, self.images.images[start:stop], self.cap.batch_size)
-            rows = caption_rows(self.images, self.index, captions, start)
-            storage.write_bytes(storage.join(self.parts_dir, _part_name(int(part))),
-                                "".join(json.dumps(r) + "\n" for r in rows).encode())
-            out["index"].append(int(part))
-            out["stats"].append({"part": int(part), "count": len(rows), "seconds": time.time() - t0})
-        return out
+        t0 = time.time()
+        start, stop = int(task["start"]), int(task["stop"])
+        captions = caption_images(self.captioner, self.images.read(np.arange(start, stop)), self.cap.batch_size)
+        rows = caption_rows(self.images, self.index, captions, start)
+        storage.write_bytes(storage.join(self.parts_dir, _part_name(int(task["part"]))),
+                            "".join(json.dumps(r) + "\n" for r in rows).encode())
+        return {"part": int(task["part"]), "count": len(rows), "seconds": time.time() - t0}
 
 
 def _complete_parts(parts_dir: str, ranges: list[tuple[int, int, int]]) -> set[int]:
@@ -136,7 +133,6 @@ def run_caption(cfg: Config, split: str = "private", resume: bool = True, tracke
     resolved (an unknown local path raises ``FileNotFoundError`` naming ``data.caption.captioner``).
     """
     from synthset.models.captioners import check_captioner
-    from synthset.stages.synthesize import _run_shard_pool
 
     stage = caption_dir(cfg, split)
     if resume and stage.is_complete():
@@ -154,9 +150,9 @@ def run_caption(cfg: Config, split: str = "private", resume: bool = True, tracke
     print(f"[caption] {len(images)} {split} images with {cap.captioner!r} in {len(ranges)} parts; "
           f"{len(done)} already complete; actors {cap.actors.min}..{cap.actors.max} × {cap.actors.num_gpus} GPU")
     t0 = time.time()
-    stats = _run_shard_pool(tasks, PartCaptioner,
-                            {"cfg": cfg.to_dict(), "split": split, "parts_dir": parts_dir},
-                            cap.actors, "caption", len(images), sum(b - a for p, a, b in ranges if p in done), tracker)
+    stats = run_shard_pool(tasks, PartCaptioner, {"cfg": cfg.to_dict(), "split": split, "parts_dir": parts_dir},
+                           PoolResources.of(cap.actors), "caption", len(images),
+                           sum(b - a for p, a, b in ranges if p in done), tracker)
     seconds = time.time() - t0
     lines = b"".join(storage.read_bytes(storage.join(parts_dir, _part_name(p))) for p, _, _ in ranges)
     storage.write_bytes(stage.path("captions.jsonl"), lines)

@@ -33,12 +33,11 @@ def _train_loop(config: dict) -> None:
 
     import ray.train
     from synthset import storage
-    from synthset.data.shards import ShardDataset, read_manifest
-    from synthset.data.splits import fit_images, to_unit_tensor, write_splits
+    from synthset.data.splits import write_splits
     from synthset.eval.classification import classification_report
     from synthset.eval.plots import save_confusion_matrix
     from synthset.models.classifiers import build_classifier, save_classifier
-    from synthset.models.training import array_batches, fit_classifier, predict_proba
+    from synthset.models.training import classifier_batches, fit_classifier, predict_split
 
     cfg = Config.model_validate(config["cfg"])
     ccfg = ClassifierConfig.model_validate(config["classifier"])
@@ -55,32 +54,8 @@ def _train_loop(config: dict) -> None:
         model = ray.train.torch.prepare_model(model)
     else:
         model = model.to("cuda" if ccfg.use_gpu and torch.cuda.is_available() else "cpu")
-    if config["dataset"] is None:  # Teacher: the real private split, one slice per worker
-        x = to_unit_tensor(fit_images(splits.private.images, size))[rank::world]
-        y = torch.from_numpy(splits.private.labels)[rank::world]
-        steps = (len(x) + ccfg.batch_size - 1) // ccfg.batch_size
-        batches = lambda epoch: array_batches(x, y, ccfg.batch_size, ccfg.seed, epoch)
-        n_train = len(splits.private)
-    else:  # Student: synthetic shards, split across workers
-        manifest = read_manifest(config["dataset"])
-        n_train = manifest["num_samples"]
-        data = ShardDataset(config["dataset"], shuffle=True, seed=ccfg.seed, rank=rank, world_size=world,
-                            image_size=size, channels=channels)
-        steps = (n_train // world + ccfg.batch_size - 1) // ccfg.batch_size
-        if n_train <= ccfg.in_memory_limit:  # decode this rank's shards once, not every epoch
-            data.shuffle = False  # array_batches shuffles per epoch instead
-            items = list(data)
-            xs = torch.stack([i[0] for i in items])
-            ys = torch.tensor([i[1] for i in items])
-            soft = torch.stack([i[2] for i in items])
-            batches = lambda epoch: array_batches(xs, ys, ccfg.batch_size, ccfg.seed, epoch, soft)
-        else:
-            def batches(epoch):
-                data.set_epoch(epoch)
-                loader = torch.utils.data.DataLoader(data, batch_size=ccfg.batch_size, num_workers=0)
-                for images, cls, soft in loader:
-                    yield images, cls, soft
-
+    data = splits.private if config["dataset"] is None else config["dataset"]  # Teacher: the private split
+    batches, steps, n_train = classifier_batches(data, ccfg, size, channels, rank, world)
     t0 = time.time()
     losses = fit_classifier(model, batches, ccfg.epochs, steps, ccfg.lr, ccfg.weight_decay,
                             soft=labels == "soft", temperature=config["temperature"], augment=ccfg.augment,
@@ -94,8 +69,7 @@ def _train_loop(config: dict) -> None:
     save_classifier(model, out, ccfg, len(names), channels, {"role": role, "labels": labels})
     if config["dataset"] is None:  # record exactly which real images the Teacher saw
         write_splits(splits, os.path.join(out, "splits.json"))
-    x_test = to_unit_tensor(fit_images(splits.test.images, size))
-    probs = predict_proba(model, x_test)
+    probs = predict_split(model, splits.test, size)
     report = classification_report(splits.test.labels, probs, names)
     save_confusion_matrix(np.array(report["confusion_matrix"]), names, os.path.join(out, "confusion_matrix.png"),
                           f"{role}: test accuracy {report['accuracy']:.3f}")

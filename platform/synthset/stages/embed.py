@@ -97,9 +97,8 @@ def train_public_encoder(cfg: Config, splits, out: str) -> str:
     """Train the small CNN on the public split's labelled images and save it to ``out``; returns ``out``."""
     import torch
 
-    from synthset.data.splits import fit_images, to_unit_tensor
     from synthset.models.classifiers import build_classifier, save_classifier
-    from synthset.models.training import array_batches, fit_classifier
+    from synthset.models.training import classifier_batches, fit_classifier
 
     e = cfg.synthesis.rcdm.embed
     if len(splits.public) == 0:
@@ -108,14 +107,11 @@ def train_public_encoder(cfg: Config, splits, out: str) -> str:
     ccfg = ClassifierConfig(arch="cnn", width=e.public_width, epochs=e.public_epochs, lr=e.public_lr,
                             seed=e.public_seed, batch_size=128)
     channels = splits.public.channels
-    x = to_unit_tensor(fit_images(splits.public.images, cfg.data.image_size))
-    y = torch.from_numpy(splits.public.labels.astype(np.int64))
+    batches, steps, _ = classifier_batches(splits.public, ccfg, cfg.data.image_size, channels)
     torch.manual_seed(ccfg.seed)
     model = build_classifier(ccfg, len(splits.class_names), in_channels=channels)
-    steps = (len(x) + ccfg.batch_size - 1) // ccfg.batch_size
-    fit_classifier(model, lambda epoch: array_batches(x, y, ccfg.batch_size, ccfg.seed, epoch), ccfg.epochs, steps,
-                   ccfg.lr, ccfg.weight_decay, soft=False, temperature=1.0, augment=True, seed=ccfg.seed,
-                   name="embed-encoder")
+    fit_classifier(model, batches, ccfg.epochs, steps, ccfg.lr, ccfg.weight_decay, soft=False, temperature=1.0,
+                   augment=True, seed=ccfg.seed, name="embed-encoder")
     save_classifier(model, out, ccfg, len(splits.class_names), channels, {"role": "rcdm-encoder",
                                                                           "trained_on": "public"})
     return out
@@ -126,7 +122,7 @@ def run_embed(cfg: Config, resume: bool = True, tracker=None) -> dict:
     import torch
     from safetensors.numpy import save_file
 
-    from synthset.data.splits import fit_images, to_unit_tensor
+    from synthset.data.splits import to_unit_tensor
     from synthset.stages.prepare import load_splits
 
     stage = embed_dir(cfg)
@@ -146,8 +142,10 @@ def run_embed(cfg: Config, resume: bool = True, tracker=None) -> dict:
         encoder = train_public_encoder(cfg, splits, stage.path("encoder"))
     fn = encoder_function(encoder)
     positions = balanced_subset(splits.private.labels, e.real_images, len(splits.class_names), e.seed)
-    x = to_unit_tensor(fit_images(splits.private.images[positions], cfg.data.image_size))
-    emb = embed_images(fn, x, e.batch_size)
+    with torch.no_grad():  # the private images a batch at a time, straight from the shards
+        parts = [fn(to_unit_tensor(x)).float().cpu().numpy()
+                 for _, x in splits.private.batches(e.batch_size, positions, cfg.data.image_size)]
+    emb = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), np.float32)
     out = stage.path(EMBEDDINGS)
     save_file({"embeddings": emb, "labels": splits.private.labels[positions].astype(np.int64),
                "position": positions.astype(np.int64),

@@ -78,13 +78,6 @@ def feature_extractor(spec: str, teacher=None, device: str = "cpu") -> Callable:
     return embed
 
 
-def _shard_samples(dataset: str):
-    from synthset.data.shards import iter_shard, read_manifest
-
-    for entry in read_manifest(dataset)["shards"]:
-        yield entry, list(iter_shard(storage.join(dataset, entry["shard"])))
-
-
 def _unit_batch(samples: list[dict], size: int, channels: int):
     """Shard samples → float (N, channels, size, size) in [-1, 1] (generators may write another size or mode)."""
     import torch
@@ -96,16 +89,129 @@ def _unit_batch(samples: list[dict], size: int, channels: int):
     return torch.stack([image_to_tensor(s["image"], size, channels) for s in samples])
 
 
+QUERY_BATCH = 256  # synthetic images the gate checks at once (its queries' tiles are in memory together)
+AUDIT_FIELDS = ["key", "real_index", "metric", "score", "is_copy"]
+
+
+def _load_chunk(part):
+    """A reference chunk of the gate: a ``.npy`` file (no Ray) or a Ray object ref."""
+    if isinstance(part, str):
+        return np.load(part, allow_pickle=False)
+    import ray
+
+    return ray.get(part)
+
+
+class _ChunkStore:
+    """Where the gate's private images wait while the stage runs: Ray's object store (put once, read by every
+    pool actor on any node) or, without Ray, ``.npy`` files in a temporary directory. Never in one process."""
+
+    def __init__(self):
+        import tempfile
+
+        import ray
+
+        self.ray = ray.is_initialized()
+        self.dir = None if self.ray else tempfile.mkdtemp(prefix="synthset-gate-")
+        self.parts, self.sizes = [], []
+
+    def put(self, array: np.ndarray) -> None:
+        if self.ray:
+            import ray
+
+            part = ray.put(np.ascontiguousarray(array))
+        else:
+            part = os.path.join(self.dir, f"chunk-{len(self.parts):06d}.npy")
+            np.save(part, np.ascontiguousarray(array), allow_pickle=False)
+        self.parts.append(part)
+        self.sizes.append(len(array))
+
+    def chunks(self):
+        from synthset.eval.replication import Chunks
+
+        return Chunks(self.parts, self.sizes, _load_chunk)
+
+    def close(self) -> None:
+        import shutil
+
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _gate_feature_fn(cfg: Config, device: str = "cpu"):
+    rep = cfg.replication
+    if rep.metric != "cosine":
+        return None
+    teacher = None
+    if rep.features == "teacher":
+        from synthset.models.classifiers import load_classifier
+        from synthset.stages.classifier import teacher_dir
+
+        teacher = load_classifier(storage.materialize(teacher_dir(cfg).summary()["model"]), device)
+    return feature_extractor(rep.features, teacher, device)
+
+
+class ShardGate:
+    """Shard-pool worker of the replication gate: one synthetic shard per call — its verdicts as an audit part,
+    and with ``action: drop`` a copy of the shard without the copies (the kept members' bytes copied)."""
+
+    def __init__(self, cfg: dict, reference: dict, threshold: float, source: str, parts_dir: str,
+                 dataset: str | None, channels: int):
+        from synthset.eval.replication import Chunks, ReplicationGate
+
+        self.cfg = Config.model_validate(cfg)
+        rep = self.cfg.replication
+        self.gate = ReplicationGate(Chunks(reference["parts"], reference["sizes"], _load_chunk), rep.metric, rep.tile,
+                                    rep.reduce, _gate_feature_fn(self.cfg, rep.device), rep.quantile, threshold,
+                                    real_index=np.asarray(reference["real_index"]), device=rep.device)
+        self.source, self.parts_dir, self.dataset, self.channels = source, parts_dir, dataset, channels
+
+    def __call__(self, task: dict) -> dict:
+        import csv
+        import io
+
+        from synthset.data.shards import decode_image, iter_shard, write_shard
+
+        t0 = time.time()
+        path = storage.join(self.source, task["shard"])
+        samples = list(iter_shard(path, decode=False))
+        size = self.cfg.data.image_size
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=AUDIT_FIELDS)
+        copies, score_sum, is_copy = 0, 0.0, []
+        for b0 in range(0, len(samples), QUERY_BATCH):
+            batch = samples[b0:b0 + QUERY_BATCH]
+            images = [{"image": decode_image(s["image"], f"{path}:{s['key']}")} for s in batch]
+            result = self.gate.check([s["key"] for s in batch], _unit_batch(images, size, self.channels).numpy())
+            writer.writerows(result.rows())
+            copies += result.copies
+            score_sum += float(result.score.sum())
+            is_copy += result.is_copy.tolist()
+        stats = {"index": task["index"], "count": len(samples), "copies": copies, "score_sum": score_sum}
+        if self.dataset is not None:
+            kept = [dict(s, image_bytes=s.pop("image")) for s, c in zip(samples, is_copy) if not c]
+            formats = {s["image_ext"] for s in kept} or {"png"}
+            stats["shard_stats"] = write_shard(self.dataset, task["index"], kept, formats.pop(),
+                                               {"dropped": copies})
+        storage.write_bytes(storage.join(self.parts_dir, f"part-{task['index']:06d}.csv"), buf.getvalue().encode())
+        return {**stats, "seconds": time.time() - t0}
+
+
 def run_replication(cfg: Config, labelled_dataset: str, resume: bool = True, tracker=None) -> dict:
     """The replication gate over every image of ``labelled_dataset``; returns the stage summary.
+
+    The private images go once into a chunk store (Ray's object store, or files without Ray), the
+    threshold is calibrated on them here, then a pool of gate workers checks the synthetic shards one per
+    task (``ShardGate``): memory follows a chunk and a shard, not the private or the synthetic set.
 
     Summary keys: ``dataset`` (what the Student trains on: the filtered copy with action=drop, else
     ``labelled_dataset``), ``images``, ``copies``, ``copy_fraction``, ``dropped``, ``threshold``,
     ``metric``, ``audit``.
     """
-    from synthset.data.shards import completed_shards, read_manifest, write_manifest, write_shard
-    from synthset.data.splits import fit_images
-    from synthset.eval.replication import ReplicationGate, ReplicationResult, write_audit
+    from synthset.data.shards import read_manifest, write_manifest
+    from synthset.eval.replication import ReplicationGate
+    from synthset.stages.prepare import load_splits
+    from synthset.stages.shard_pool import PoolResources, run_shard_pool
 
     rep = cfg.replication
     stage = replication_dir(cfg)
@@ -113,57 +219,66 @@ def run_replication(cfg: Config, labelled_dataset: str, resume: bool = True, tra
         return stage.reuse(stage.uri)
     t0 = time.time()
     stage.begin(cfg)
-    from synthset.stages.prepare import load_splits
-
-    splits = load_splits(cfg)
-    size, channels = cfg.data.image_size, splits.private.channels
-    real = fit_images(splits.private.images, size)
-    feature_fn = None
-    if rep.metric == "cosine":
-        teacher = None
-        if rep.features == "teacher":
-            from synthset.models.classifiers import load_classifier
-            from synthset.stages.classifier import teacher_dir
-
-            teacher = load_classifier(storage.materialize(teacher_dir(cfg).summary()["model"]))
-        feature_fn = feature_extractor(rep.features, teacher, rep.device)
-    gate = ReplicationGate(real, rep.metric, rep.tile, rep.reduce, feature_fn, rep.quantile, rep.threshold,
-                           real_index=splits.private_index, calibration_size=rep.calibration_size,
-                           seed=cfg.data.splits.seed, device=rep.device)
-    parts, shards = [], []
-    for entry, samples in _shard_samples(labelled_dataset):
-        result = gate.check([s["key"] for s in samples], _unit_batch(samples, size, channels).numpy())
-        parts.append(result)
-        shards.append((entry, samples, result.is_copy))
-    keys = [k for p in parts for k in p.keys]
-    cat = lambda name, dtype: np.concatenate([getattr(p, name) for p in parts]) if parts else np.zeros(0, dtype)
-    result = ReplicationResult(gate.metric, gate.threshold, keys, cat("real_index", np.int64),
-                               cat("score", np.float32), cat("is_copy", bool))
-    audit = stage.path("replication_audit.csv")
-    write_audit(result, audit)
-    counts = {**result.summary(), "quantile": rep.quantile if rep.threshold is None else None, "action": rep.action, "dropped": result.copies if rep.action == "drop" else 0,
-              "audit": audit, "calibration_images": int(len(getattr(gate, "nn_scores", [])))}
+    private = load_splits(cfg).private
+    size, channels = cfg.data.image_size, private.channels
+    reference, calibration = _ChunkStore(), _ChunkStore()
+    try:
+        for _, images in private.chunks(size=size):  # the private set in the gate's space, a shard at a time
+            reference.put(images)
+        cal_rows = ReplicationGate.calibration_rows(len(private), rep.calibration_size, cfg.data.splits.seed)
+        if rep.threshold is None and rep.metric == "tiled_l2":
+            for _, images in private.chunks(cal_rows, size):
+                calibration.put(images)
+        gate = ReplicationGate(reference.chunks(), rep.metric, rep.tile, rep.reduce, _gate_feature_fn(cfg, rep.device),
+                               rep.quantile, rep.threshold, real_index=private.index,
+                               calibration_size=rep.calibration_size, seed=cfg.data.splits.seed, device=rep.device,
+                               calibration=calibration.chunks() if calibration.parts else None)
+        source = read_manifest(labelled_dataset)
+        dataset = stage.path("data") if rep.action == "drop" else None
+        parts_dir = stage.path("audit")
+        if not resume:
+            storage.delete_dir_contents(parts_dir)
+        done = {int(p.rsplit("part-", 1)[1][:6]) for p in storage.list_files(parts_dir, ".csv")} if resume else set()
+        tasks = [{"index": i, "shard": s["shard"]} for i, s in enumerate(source["shards"]) if i not in done]
+        worker_kwargs = {"cfg": cfg.to_dict(), "threshold": gate.threshold, "source": labelled_dataset,
+                         "parts_dir": parts_dir, "dataset": dataset, "channels": channels,
+                         "reference": {"parts": reference.parts, "sizes": reference.sizes,
+                                       "real_index": private.index.tolist()}}
+        run_shard_pool(tasks, ShardGate, worker_kwargs, PoolResources.of(rep.actors), "replication",
+                       source["num_samples"], sum(source["shards"][i]["count"] for i in done), tracker)
+    finally:
+        reference.close()
+        calibration.close()
+    # Every shard's audit part is complete (this run's or an earlier one's): gather the totals from them.
+    audit, copies, score_sum, images = stage.path("replication_audit.csv"), 0, 0.0, 0
+    parts = [storage.join(parts_dir, f"part-{i:06d}.csv") for i in range(len(source["shards"]))]
+    header = (",".join(AUDIT_FIELDS) + "\r\n").encode()
+    storage.write_parts(audit, [header, *(storage.read_bytes(p) for p in parts)])
+    for part in parts:
+        for line in storage.read_bytes(part).decode().splitlines():
+            row = line.split(",")
+            images += 1
+            copies += row[-1] == "True"
+            score_sum += float(row[-2])
+    counts = {"metric": gate.metric, "threshold": gate.threshold, "images": images, "copies": copies,
+              "copy_fraction": copies / images if images else 0.0,
+              "score_mean": score_sum / images if images else float("nan"),
+              "quantile": rep.quantile if rep.threshold is None else None, "action": rep.action,
+              "dropped": copies if rep.action == "drop" else 0, "audit": audit,
+              "calibration_images": int(len(getattr(gate, "nn_scores", [])))}
     if getattr(gate, "nn_scores", None) is not None:
         counts["private_nn_score_median"] = float(np.median(gate.nn_scores))
-    dataset = labelled_dataset
-    if rep.action == "drop":
-        dataset = stage.path("data")
-        done = completed_shards(dataset) if resume else {}
-        stats = []
-        for i, (entry, samples, is_copy) in enumerate(shards):
-            kept = [s for s, c in zip(samples, is_copy) if not c]
-            if i in done and done[i]["count"] == len(kept):
-                stats.append(done[i])
-                continue
-            stats.append(write_shard(dataset, i, kept, "png", {"dropped": int(is_copy.sum())}))
-        src = read_manifest(labelled_dataset)
-        meta = {k: v for k, v in src.items() if k not in ("schema_version", "shards", "num_samples",
-                                                            "totals_per_class", "complete", "written_at")}
+    if dataset is not None:
+        from synthset.data.shards import completed_shards
+
+        stats = list(completed_shards(dataset).values())
+        meta = {k: v for k, v in source.items() if k not in ("schema_version", "shards", "num_samples",
+                                                               "totals_per_class", "complete", "written_at")}
         write_manifest(dataset, {**meta, "config_hash": stage.hash, "source": labelled_dataset,
                                  "replication": counts}, stats)
     storage.write_json(stage.path("replication.json"), counts)
-    summary = stage.complete({"dataset": dataset, **counts, "seconds": time.time() - t0})
-    print(f"[replication] {result.copies} of {len(keys)} synthetic images within {gate.threshold:.4f} "
+    summary = stage.complete({"dataset": dataset or labelled_dataset, **counts, "seconds": time.time() - t0})
+    print(f"[replication] {copies} of {images} synthetic images within {gate.threshold:.4f} "
           f"({rep.metric}) of a private image: {'dropped' if rep.action == 'drop' else 'flagged'} "
           f"({time.time() - t0:.0f}s)")
     if tracker is not None:
@@ -184,19 +299,23 @@ def student_training_set(cfg: Config, labelled_dataset: str, resume: bool = True
 
 
 def _sample_dataset(dataset: str, n: int, seed: int, size: int, channels: int):
-    """A seeded sample of ``n`` images of ``dataset``: (images in [-1, 1], classes, Teacher soft labels or None)."""
-    import torch
+    """A seeded sample of ``n`` images of ``dataset``: (images in [-1, 1], classes, Teacher soft labels or None).
 
-    from synthset.data.shards import read_manifest
+    Only the shards holding a sampled image are read, and only the sampled images decoded."""
+    from synthset.data.shards import decode_image, iter_shard, read_manifest
 
-    total = read_manifest(dataset)["num_samples"]
-    chosen = set(np.random.default_rng(seed).choice(total, min(n, total), replace=False).tolist())
-    picked, i = [], 0
-    for _, samples in _shard_samples(dataset):
-        for s in samples:
-            if i in chosen:
-                picked.append(s)
-            i += 1
+    manifest = read_manifest(dataset)
+    total = manifest["num_samples"]
+    chosen = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
+    offsets = np.concatenate([[0], np.cumsum([s["count"] for s in manifest["shards"]])])
+    which = np.searchsorted(offsets, chosen, side="right") - 1
+    picked = []
+    for shard in np.unique(which):
+        path = storage.join(dataset, manifest["shards"][shard]["shard"])
+        wanted = set((chosen[which == shard] - offsets[shard]).tolist())
+        for i, s in enumerate(iter_shard(path, decode=False)):
+            if i in wanted:
+                picked.append({**s, "image": decode_image(s["image"], f"{path}:{s['key']}")})
     x = _unit_batch(picked, size, channels)
     y = np.array([s["cls"] for s in picked])
     soft = np.stack([s["soft"] for s in picked]) if picked and all("soft" in s for s in picked) else None
@@ -207,7 +326,7 @@ def generative_metrics(cfg: Config, dataset: str, teacher) -> dict:
     """FID, KID, PRDC, recognizability and diversity of ``dataset`` vs the private training split."""
     import torch
 
-    from synthset.data.splits import fit_images, to_unit_tensor
+    from synthset.data.splits import to_unit_tensor
     from synthset.eval.generative import extract_features, generative_report
     from synthset.models.training import predict_proba
 
@@ -217,7 +336,7 @@ def generative_metrics(cfg: Config, dataset: str, teacher) -> dict:
     splits = load_splits(cfg)
     rng = np.random.default_rng([ev.seed, 2])
     real_rows = np.sort(rng.choice(len(splits.private), min(ev.sample_size, len(splits.private)), replace=False))
-    x_real = to_unit_tensor(fit_images(splits.private.images[real_rows], cfg.data.image_size))
+    x_real = to_unit_tensor(splits.private.read(real_rows, cfg.data.image_size))
     x_fake, y_fake, soft = _sample_dataset(dataset, ev.sample_size, ev.seed, cfg.data.image_size,
                                              splits.private.channels)
     fn = feature_extractor(ev.features, teacher)

@@ -49,7 +49,7 @@ def _pretrain_loop(config: dict) -> None:
 
     import ray.train
     from synthset.config import Config
-    from synthset.data.splits import fit_images, to_unit_tensor, write_splits
+    from synthset.data.splits import UnitImages, write_splits
     from synthset.diffusion.text_to_image import encode_latents, train_unet, train_vae
     from synthset.eval.plots import save_class_grid, save_curves
     from synthset.diffusion.text_to_image import caption_prompts
@@ -75,14 +75,17 @@ def _pretrain_loop(config: dict) -> None:
     t0 = time.time()
     captioner = load_captioner(cap.captioner, device, _dtype(cap.dtype) if device == "cuda" else None,
                                cap.max_new_tokens, cap.prompt)
-    captions = caption_images(captioner, public.images, cap.batch_size)  # of the (shifted) images it trains on
+    captions = caption_images(captioner, public.read(), cap.batch_size)  # of the (shifted) images it trains on
     del captioner
     write_captions(os.path.join(out, "public_captions.jsonl"), public, splits.public_index, captions)
     caption_seconds = time.time() - t0
-    x = to_unit_tensor(fit_images(public.images, arch.image_size)).to(device)
+    # The embedded foundation draws its batches by index from the public split, held as uint8 (converted a
+    # batch at a time): the one stage that keeps a split, the embedded model's public pretraining set.
+    public_images = public.read(size=arch.image_size)
+    x = UnitImages(public_images, device)
     vae_x = x
     if pre.vae_unshifted and splits.public_shift != "none":
-        vae_x = torch.cat([x, to_unit_tensor(fit_images(splits.public_unshifted.images, arch.image_size)).to(device)])
+        vae_x = UnitImages(np.concatenate([public_images, splits.public_unshifted.read(size=arch.image_size)]), device)
     pipe = build_foundation(arch, seed=pre.seed).to(device)
     t0 = time.time()
     vae_losses = train_vae(pipe.vae, vae_x, pre.vae_steps, pre.vae_batch_size, pre.vae_lr, pre.vae_kl_weight, pre.seed)

@@ -144,7 +144,7 @@ def training_set(cfg: Config, pool_dataset: str | None):
     """The generator's ``TrainingSet``: private images (source 0) and the pool (source 1) by the variant."""
     import torch
 
-    from synthset.data.splits import fit_images, to_unit_tensor
+    from synthset.data.splits import to_unit_tensor
     from synthset.diffusion.generator_training import TrainingSet
     from synthset.stages.prepare import load_splits
 
@@ -153,7 +153,7 @@ def training_set(cfg: Config, pool_dataset: str | None):
     names, private = splits.class_names, splits.private
     rng = np.random.default_rng([casd.train.seed, _POOL_STREAM])
     keep = _balanced_subset(private.labels, casd.real_images, len(names), rng)
-    real = to_unit_tensor(fit_images(private.images[keep], cfg.data.image_size))
+    real = to_unit_tensor(private.read(keep, cfg.data.image_size))
     real_labels = private.labels[keep].astype(np.int64)
     images, labels, source = [real], [real_labels], [np.zeros(len(keep), np.int64)]
     pool_count = 0

@@ -16,8 +16,9 @@ filters) is one function over one task — usually one shard — run here.
 Ray Data recreates a dead pool actor and retries its task on the replacement, without a bound (its
 defaults; the loose remote args that set a bound are deprecated, removed in Ray 2.64): tasks are
 deterministic and write atomically, so a retry is harmless. A task whose code raises fails the run
-(``DataContext.max_errored_blocks = 0``), not retried; the first user error (a bad image, a missing
-file) is raised again here as itself, so the job's message names the file, not Ray's wrapper.
+(``DataContext.max_errored_blocks = 0``), not retried; a bad input the worker names (``ValueError``,
+``FileNotFoundError``: a bad image, a missing file) comes back as a row and is raised here as itself, so
+the job's message names the file, not Ray's wrapper.
 """
 
 from __future__ import annotations
@@ -71,7 +72,20 @@ class _PoolActor:
         self.worker = worker(**worker_kwargs)
 
     def __call__(self, batch: dict) -> dict:
-        return {"stats": [json.dumps(self.worker(json.loads(str(task)))) for task in batch["task"]]}
+        return {"stats": [json.dumps(_call(self.worker, json.loads(str(task)))) for task in batch["task"]]}
+
+
+_USER_ERRORS = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}
+
+
+def _call(worker, task: dict) -> dict:
+    """``worker(task)``; a bad input it names (``ValueError``, ``FileNotFoundError``: a bad image, a missing file)
+    comes back as a row, so the driver can raise it as itself instead of inside Ray's wrappers."""
+    try:
+        return worker(task)
+    except tuple(_USER_ERRORS.values()) as err:
+        kind = next(name for name, cls in _USER_ERRORS.items() if isinstance(err, cls))
+        return {"error": {"type": kind, "message": str(err)}}
 
 
 def _undo_worker_niceness() -> None:
@@ -84,18 +98,6 @@ def _undo_worker_niceness() -> None:
             os.nice(target - current)
     except (OSError, ValueError):
         pass
-
-
-def _user_error(err: BaseException) -> BaseException | None:
-    """The user code's own error inside Ray's wrappers (cause/context chain), if it is one we name files in."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, (ValueError, FileNotFoundError)) and type(err).__module__.split(".")[0] != "ray":
-            return err
-        cause = getattr(err, "cause", None)  # RayTaskError keeps the original here
-        err = cause if isinstance(cause, BaseException) else (err.__cause__ or err.__context__)
-    return None
 
 
 def run_shard_pool(tasks: list[dict], worker: type, worker_kwargs: dict, resources: PoolResources, name: str,
@@ -112,6 +114,8 @@ def run_shard_pool(tasks: list[dict], worker: type, worker_kwargs: dict, resourc
     results = []
 
     def record(stats: dict) -> None:
+        if "error" in stats:
+            raise _USER_ERRORS[stats["error"]["type"]](stats["error"]["message"])
         results.append(stats)
         progress.update(stats.get("count", 0))
         if tracker is not None:
@@ -123,21 +127,15 @@ def run_shard_pool(tasks: list[dict], worker: type, worker_kwargs: dict, resourc
     if resources.inline or not ray.is_initialized():
         instance = worker(**worker_kwargs)
         for task in tasks:
-            record(json.loads(json.dumps(instance(json.loads(json.dumps(task))))))
+            record(json.loads(json.dumps(_call(instance, json.loads(json.dumps(task))))))
         return results
     ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
     ds = ds.map_batches(_PoolActor, fn_constructor_kwargs={"worker": worker, "worker_kwargs": worker_kwargs},
                         batch_size=1, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(min_size=resources.min, max_size=resources.max),
                         num_cpus=resources.num_cpus, num_gpus=resources.num_gpus or None)
-    try:
-        for row in ds.iter_rows():
-            record(json.loads(row["stats"]))
-    except Exception as err:
-        mine = _user_error(err)
-        if mine is not None and mine is not err:
-            raise type(mine)(*mine.args) from None
-        raise
+    for row in ds.iter_rows():
+        record(json.loads(row["stats"]))
     return results
 
 

@@ -15,11 +15,11 @@ import time
 import numpy as np
 
 from synthset import storage
-from synthset.config import ActorsConfig, Config
+from synthset.config import Config
 from synthset.data.shards import completed_shards, iter_shard, read_manifest, shard_name, write_manifest, write_shard
 from synthset.methods.plan import shard_ranges
-from synthset.progress import Progress
 from synthset.stages.common import StageDir
+from synthset.stages.shard_pool import PoolResources, process_stats, run_shard_pool, torch_setup
 
 
 def synthesis_dir(cfg: Config) -> StageDir:
@@ -28,22 +28,6 @@ def synthesis_dir(cfg: Config) -> StageDir:
 
 def label_dir(cfg: Config) -> StageDir:
     return StageDir.for_config(cfg, "label")
-
-
-def _torch_setup(num_cpus: float, num_gpus: float, dtype: str = "float32"):
-    import torch
-
-    torch.set_num_threads(max(1, int(num_cpus)))
-    device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
-    return device, {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def _actor_stats() -> dict:
-    """Which process did the work and its peak memory so far (for the memory-at-scale benchmark)."""
-    import os
-    import resource
-
-    return {"pid": os.getpid(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _encode_all(images: np.ndarray, fmt: str) -> list[bytes]:
@@ -64,7 +48,7 @@ def _context_from_dict(context: dict | None, class_names: list[str], syn):
 
 
 class ShardGenerator:
-    """Ray Data actor: loads the method's generator once, turns shard rows into written shards.
+    """Shard-pool worker: loads the method's generator once, then generates and writes one shard per call.
 
     The method (``methods/<synthesis.method>.py``) plans each shard's requests, loads its generator
     (for the text-to-image methods: the foundation pipeline with the adapted LoRAs) and generates
@@ -83,7 +67,7 @@ class ShardGenerator:
 
         self.cfg = SynthesisConfig.model_validate(synthesis)
         self.method = get_method(self.cfg.method)
-        device, dtype = _torch_setup(self.cfg.actors.num_cpus, self.cfg.actors.num_gpus, self.cfg.dtype)
+        device, dtype = torch_setup(self.cfg.actors.num_cpus, self.cfg.actors.num_gpus, self.cfg.dtype)
         # Half precision only on GPU; on CPU it is slower (bf16) or unsupported (fp16).
         self.generator = self.method.load_generator(model_path, loras, self.cfg, device,
                                                     dtype if device == "cuda" else None)
@@ -91,57 +75,24 @@ class ShardGenerator:
         self.context = _context_from_dict(context, class_names, self.cfg)
         self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
 
-    def __call__(self, batch: dict) -> dict:
-        out = {"index": [], "stats": []}
-        for shard, start, stop in zip(batch["shard"], batch["start"], batch["stop"]):
-            t0 = time.time()
-            requests = self.method.plan_requests(int(start), int(stop), self.run_seed, self.context)
-            encoded, model_seconds = [], 0.0
-            for i in range(0, len(requests), self.cfg.batch_size):
-                chunk = requests[i:i + self.cfg.batch_size]
-                t = time.time()
-                images = self.method.generate_batch(self.generator, chunk, self.cfg)
-                model_seconds += time.time() - t
-                encoded.append((chunk, self.encoder.submit(_encode_all, images, self.cfg.image_format)))
-            samples = []
-            for chunk, future in encoded:
-                for r, image_bytes in zip(chunk, future.result()):
-                    meta = {**r, "generator": self.generator_id, "guidance_scale": self.cfg.guidance_scale,
-                            "num_inference_steps": self.cfg.num_inference_steps}
-                    samples.append({"key": r["key"], "image_bytes": image_bytes, "cls": r["class_id"], "meta": meta})
-            stats = write_shard(self.dataset, int(shard), samples, self.cfg.image_format,
-                                {"seconds": time.time() - t0, "model_seconds": model_seconds, **_actor_stats()})
-            out["index"].append(int(shard))
-            out["stats"].append(stats)
-        return out
-
-
-def _run_shard_pool(tasks: list[dict], actor_cls, actor_kwargs: dict, actors: ActorsConfig, name: str,
-                    images_total: int, images_done: int, tracker=None) -> list[dict]:
-    """Run ``actor_cls`` over shard rows with an actor pool; stream back stats with progress."""
-    import ray
-
-    if not tasks:
-        return []
-    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    ds = ds.map_batches(actor_cls, fn_constructor_kwargs=actor_kwargs, batch_size=1, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(min_size=actors.min, max_size=actors.max),
-                        num_cpus=actors.num_cpus, num_gpus=actors.num_gpus or None)
-    # Ray Data recreates a dead pool actor and retries its shard on the replacement, without a bound
-    # (its defaults; the loose remote args that set a bound are deprecated, removed in Ray 2.64):
-    # shards are deterministic and written atomically, so a retry is harmless. A shard whose code
-    # raises fails the job (DataContext.max_errored_blocks = 0), it is not retried.
-    progress = Progress(name, images_total, "images", every=5.0)
-    progress.done = images_done
-    results = []
-    for row in ds.iter_rows():
-        stats = row["stats"]
-        results.append(stats)
-        progress.update(stats["count"])
-        if tracker is not None:
-            tracker.log_metrics({f"{name}_images_done": progress.done, f"{name}_images_per_s": progress.rate},
-                                step=progress.done)
-    return results
+    def __call__(self, task: dict) -> dict:
+        t0 = time.time()
+        requests = self.method.plan_requests(int(task["start"]), int(task["stop"]), self.run_seed, self.context)
+        encoded, model_seconds = [], 0.0
+        for i in range(0, len(requests), self.cfg.batch_size):
+            chunk = requests[i:i + self.cfg.batch_size]
+            t = time.time()
+            images = self.method.generate_batch(self.generator, chunk, self.cfg)
+            model_seconds += time.time() - t
+            encoded.append((chunk, self.encoder.submit(_encode_all, images, self.cfg.image_format)))
+        samples = []
+        for chunk, future in encoded:
+            for r, image_bytes in zip(chunk, future.result()):
+                meta = {**r, "generator": self.generator_id, "guidance_scale": self.cfg.guidance_scale,
+                        "num_inference_steps": self.cfg.num_inference_steps}
+                samples.append({"key": r["key"], "image_bytes": image_bytes, "cls": r["class_id"], "meta": meta})
+        return write_shard(self.dataset, int(task["shard"]), samples, self.cfg.image_format,
+                           {"seconds": time.time() - t0, "model_seconds": model_seconds, **process_stats()})
 
 
 def _pending(dataset: str, ranges: list[tuple[int, int, int]], resume: bool) -> tuple[list[dict], dict[int, dict]]:
@@ -180,12 +131,12 @@ def run_synthesis(cfg: Config, model_path: str, class_names: list[str], resume: 
           f"in {len(ranges)} shards; {len(done)} already complete; actors {syn.actors.min}..{syn.actors.max} "
           f"× {syn.actors.num_gpus} GPU")
     t0 = time.time()
-    new = _run_shard_pool(
+    new = run_shard_pool(
         tasks, ShardGenerator,
         {"model_path": model_path, "synthesis": syn.model_dump(mode="json"), "class_names": class_names,
          "run_seed": cfg.run.seed, "dataset": dataset, "generator_id": model_path,
          "context": dataclasses.asdict(context) if context is not None else None, "loras": loras},
-        syn.actors, "synthesis", total, sum(s["count"] for s in done.values()), tracker)
+        PoolResources.of(syn.actors), "synthesis", total, sum(s["count"] for s in done.values()), tracker)
     seconds = time.time() - t0
     stats = list(done.values()) + new
     generated = sum(s["count"] for s in new)
@@ -196,7 +147,7 @@ def run_synthesis(cfg: Config, model_path: str, class_names: list[str], resume: 
         raise RuntimeError(f"synthesis: {manifest['num_samples']} samples written, {total} planned")
     summary = stage.complete({"dataset": dataset, "num_samples": total, "generated_now": generated,
                               "seconds": seconds, "images_per_s": generated / seconds if seconds > 0 else 0.0,
-                              "driver_peak_rss_mb": _actor_stats()["peak_rss_mb"],
+                              "driver_peak_rss_mb": process_stats()["peak_rss_mb"],
                               "actor_peak_rss_mb": max((s.get("peak_rss_mb", 0.0) for s in new), default=0.0),
                               "actors_used": len({s.get("pid") for s in new})})
     print(f"[synthesis] {generated} images generated in {seconds:.0f}s "
@@ -205,39 +156,43 @@ def run_synthesis(cfg: Config, model_path: str, class_names: list[str], resume: 
 
 
 class ShardLabeller:
-    """Ray Data actor: adds Teacher probabilities (``<key>.soft.npy``) to each sample of a shard."""
+    """Shard-pool worker: adds Teacher probabilities (``<key>.soft.npy``) to each sample of one shard per call.
+
+    The image members are copied byte for byte (PNG or JPEG, as generated); the images are decoded only
+    to be classified, ``batch_size`` at a time.
+    """
 
     def __init__(self, teacher_path: str, source: str, dataset: str, batch_size: int, num_cpus: float, num_gpus: float,
                  image_size: int):
         from synthset.models.classifiers import classifier_channels, load_classifier
 
-        device, _ = _torch_setup(num_cpus, num_gpus)
+        device, _ = torch_setup(num_cpus, num_gpus)
         self.model = load_classifier(storage.materialize(teacher_path), device)
         self.channels = classifier_channels(storage.materialize(teacher_path))  # what the Teacher reads
         self.source, self.dataset, self.batch_size, self.image_size = source, dataset, batch_size, image_size
-        self.image_format = "png"
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, task: dict) -> dict:
         import torch
 
-        from synthset.data.shards import image_to_tensor
+        from synthset.data.shards import decode_image, image_to_tensor
         from synthset.models.training import predict_proba
 
-        out = {"index": [], "stats": []}
-        for shard in batch["shard"]:
-            t0 = time.time()
-            samples = list(iter_shard(storage.join(self.source, shard_name(int(shard)))))
-            x = torch.stack([image_to_tensor(s["image"], self.image_size, self.channels) for s in samples])
-            probs = predict_proba(self.model, x, self.batch_size)
-            agree: dict[str, int] = {}
-            for s, p in zip(samples, probs):
-                s["soft"] = p
-                agree[str(s["cls"])] = agree.get(str(s["cls"]), 0) + int(p.argmax() == s["cls"])
-            stats = write_shard(self.dataset, int(shard), samples, self.image_format,
-                                {"seconds": time.time() - t0, "teacher_agrees": agree, **_actor_stats()})
-            out["index"].append(int(shard))
-            out["stats"].append(stats)
-        return out
+        t0 = time.time()
+        path = storage.join(self.source, shard_name(int(task["shard"])))
+        samples = list(iter_shard(path, decode=False))
+        probs = []
+        for i in range(0, len(samples), self.batch_size):
+            x = torch.stack([image_to_tensor(decode_image(s["image"], f"{path}:{s['key']}"), self.image_size,
+                                             self.channels) for s in samples[i:i + self.batch_size]])
+            probs.append(predict_proba(self.model, x, self.batch_size))
+        agree: dict[str, int] = {}
+        image_format = "png"
+        for s, p in zip(samples, np.concatenate(probs) if probs else []):
+            s["soft"] = p
+            s["image_bytes"], image_format = s.pop("image"), s.pop("image_ext")
+            agree[str(s["cls"])] = agree.get(str(s["cls"]), 0) + int(p.argmax() == s["cls"])
+        return write_shard(self.dataset, int(task["shard"]), samples, image_format,
+                           {"seconds": time.time() - t0, "teacher_agrees": agree, **process_stats()})
 
 
 def run_label(cfg: Config, source: str, teacher_path: str, resume: bool = True, tracker=None) -> dict:
@@ -252,11 +207,12 @@ def run_label(cfg: Config, source: str, teacher_path: str, resume: bool = True, 
     tasks, done = _pending(dataset, ranges, resume)
     t0 = time.time()
     acts = cfg.label.actors
-    new = _run_shard_pool(tasks, ShardLabeller,
-                          {"teacher_path": teacher_path, "source": source, "dataset": dataset,
-                           "batch_size": cfg.label.batch_size, "num_cpus": acts.num_cpus, "num_gpus": acts.num_gpus,
-                           "image_size": cfg.data.image_size},
-                          acts, "label", src["num_samples"], sum(s["count"] for s in done.values()), tracker)
+    new = run_shard_pool(tasks, ShardLabeller,
+                         {"teacher_path": teacher_path, "source": source, "dataset": dataset,
+                          "batch_size": cfg.label.batch_size, "num_cpus": acts.num_cpus, "num_gpus": acts.num_gpus,
+                          "image_size": cfg.data.image_size},
+                         PoolResources.of(acts), "label", src["num_samples"], sum(s["count"] for s in done.values()),
+                         tracker)
     stats = list(done.values()) + new
     names = src["class_names"]
     agree = {c: sum(s["teacher_agrees"].get(str(c), 0) for s in stats) for c in range(len(names))}
