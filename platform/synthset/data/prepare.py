@@ -44,7 +44,7 @@ import numpy as np
 from synthset import storage
 from synthset.config import DataConfig
 from synthset.data.images import BadImage, fit_images
-from synthset.data.shards import decode_image, iter_shard, read_manifest, write_manifest, write_shard
+from synthset.data.shards import decode_image, encode_image, iter_shard, read_manifest, write_manifest, write_shard
 from synthset.data.sources import Listing, SkippedImage, Source, open_source
 from synthset.data.splits import Splits, draw_splits, report_skipped, shift_images, split_record, test_rows
 
@@ -182,7 +182,9 @@ def write_prepared_shard(uri: str, spec: dict, source: Source, size: int | None)
     samples = []
     for i, (ref, key, label) in enumerate(zip(spec["refs"], spec["keys"], spec["labels"])):
         pos = spec["start"] + i
-        samples.append({"key": f"{spec['split']}-{pos:08d}", "image": source.read_ref(ref, size), "cls": int(label),
+        # Encoded at once (the bytes ``build_shard`` would make): the shard holds PNGs, never the pixels.
+        image_bytes = encode_image(source.read_ref(ref, size))
+        samples.append({"key": f"{spec['split']}-{pos:08d}", "image_bytes": image_bytes, "cls": int(label),
                         "meta": {"position": pos, "index": None if spec["index"] is None else int(spec["index"][i]),
                                  "source_key": key}})
     return {"split": spec["split"], **write_shard(storage.join(uri, spec["split"]), spec["shard"], samples)}

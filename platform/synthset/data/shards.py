@@ -58,8 +58,9 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def build_shard(samples: list[dict], image_format: str = "png") -> bytes:
-    """Tar bytes for ``samples`` (dicts with key, image, cls, meta and optionally soft)."""
+def build_shard(samples: list[dict], image_format: str = "png") -> memoryview:
+    """Tar bytes for ``samples`` (dicts with key, image or image_bytes, cls, meta and optionally soft), as a
+    view of the tar built in memory (no second copy)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for s in samples:
@@ -76,7 +77,7 @@ def build_shard(samples: list[dict], image_format: str = "png") -> bytes:
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return buf.getbuffer()
 
 
 def write_shard(dataset: str, index: int, samples: list[dict], image_format: str = "png",

@@ -86,6 +86,29 @@ def _call(worker, task: dict) -> dict:
     except tuple(_USER_ERRORS.values()) as err:
         kind = next(name for name, cls in _USER_ERRORS.items() if isinstance(err, cls))
         return {"error": {"type": kind, "message": str(err)}}
+    finally:
+        release_memory()
+
+
+def release_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc's ``malloc_trim``) after a task.
+
+    A task allocates thousands of image-sized blocks (encoded images, a tar built in memory) and frees
+    them; glibc keeps the freed pages, fragmented, so without this a worker's RSS crept up shard after
+    shard (prepare: +25 MB from 2,000 to 6,000 images, flat with it; tests/test_data_scale.py)."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def _undo_worker_niceness() -> None:
