@@ -140,7 +140,7 @@ def test_the_pipeline_stages_plans_and_generates_a_registered_method(toy, tmp_pa
     dataset = tmp_path / "data"
     actor = ShardGenerator("unused", cfg.synthesis.model_dump(mode="json"), names, cfg.run.seed, str(dataset), "toy",
                            dataclasses.asdict(context), None)
-    actor({"shard": np.array([0]), "start": np.array([0]), "stop": np.array([12])})
+    actor({"shard": 0, "start": 0, "stop": 12})
     samples = list(iter_shard(str(dataset / shard_name(0))))
     assert [s["key"] for s in samples] == [f"{i:010d}" for i in range(12)]
     assert [s["cls"] for s in samples] == [i % 10 for i in range(12)]

@@ -190,7 +190,7 @@ def test_the_generator_stage_trains_on_ray_train_and_a_killed_run_resumes_from_i
         "synthesis.rcdm.train.sample_every=2", "synthesis.rcdm.train.cpus_per_worker=1"])
     data = _training_set(12)
     images = torch.randint(0, 256, (12, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()
-    private = types.SimpleNamespace(images=images, labels=data.class_labels.numpy())
+    private = types.SimpleNamespace(read=lambda rows, size: images[rows], labels=data.class_labels.numpy())
     monkeypatch.setattr(prepare, "load_splits", lambda c: types.SimpleNamespace(private=private,
                                                                                  class_names=["a", "b", "c"]))
     embeddings = str(tmp_path / "embeddings.safetensors")

@@ -88,7 +88,7 @@ def train_bank(model_path: str, images: np.ndarray, prompts: list[str], owner: n
     from diffusers import DDPMScheduler
 
     from synthset.config import AdaptConfig
-    from synthset.data.splits import to_unit_tensor
+    from synthset.data.splits import UnitImages
     from synthset.diffusion.text_to_image import encode_latents, encode_prompts
     from synthset.lora.bank import inject_lora_bank, save_bank
     from synthset.lora.train import train_lora_bank
@@ -100,7 +100,9 @@ def train_bank(model_path: str, images: np.ndarray, prompts: list[str], owner: n
     pipe = load_foundation(model_path, device=device)
     t0 = time.time()
     with torch.no_grad():
-        latents = encode_latents(pipe.vae, to_unit_tensor(images, pipe.vae.config.in_channels).to(device)) * pipe.vae.config.scaling_factor
+        # uint8 until a VAE batch of 512 reaches the device (the same batches, so the same latents, as before).
+        pixels = UnitImages(images, device, pipe.vae.config.in_channels)
+        latents = encode_latents(pipe.vae, pixels) * pipe.vae.config.scaling_factor
         # Each distinct prompt encoded once (TCKR over a whole private set repeats its captions).
         distinct, inverse = np.unique(np.asarray(prompts, dtype=object).astype(str), return_inverse=True)
         cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, distinct.tolist())[torch.as_tensor(inverse)]

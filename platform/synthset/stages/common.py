@@ -122,6 +122,10 @@ def init_ray(cfg: Config) -> None:
               "configure_logging": True, "logging_level": "warning"}
     if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
         kwargs["num_cpus"] = cfg.ray.num_cpus or os.cpu_count()
+        # Ray starts its workers at niceness 15 below its own processes; on a machine the job has to itself
+        # that makes every stage's actors yield to Ray's bookkeeping (the synthesis pool lost ~30 % of the
+        # bare loop's speed on 2 cores: docs/benchmarks.md). `ray job submit` gives workers 0 the same way.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         # Local runs import synthset from this checkout; clusters get it from the image/runtime env.
         src = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]

@@ -68,7 +68,6 @@ class _PoolActor:
     """The Ray Data callable around a worker: tasks in as JSON strings, stats out as JSON strings."""
 
     def __init__(self, worker: type, worker_kwargs: dict):
-        _undo_worker_niceness()
         self.worker = worker(**worker_kwargs)
 
     def __call__(self, batch: dict) -> dict:
@@ -109,18 +108,6 @@ def release_memory() -> None:
 
 
 _TRIM = None
-
-
-def _undo_worker_niceness() -> None:
-    """Ray starts its workers at a lower CPU priority (niceness 15 here); a pool actor does the stage's main
-    work, so it takes the driver's priority back where the OS allows (raising priority needs privileges)."""
-    try:
-        target = int(os.environ.get("SYNTHSET_DRIVER_NICENESS", "0"))
-        current = os.nice(0)
-        if current > target:
-            os.nice(target - current)
-    except (OSError, ValueError):
-        pass
 
 
 def run_shard_pool(tasks: list[dict], worker: type, worker_kwargs: dict, resources: PoolResources, name: str,
