@@ -10,8 +10,8 @@ stage (plan → shard-pool actors → PNG encode → shard write → manifest), 
 manifest, actor start-up included, into a temporary output root. ``--untrained`` builds the config's
 foundation architecture with random weights (speed does not depend on the weights; no pretraining
 first); otherwise the config's foundation model is used (pretrained by the pipeline, or foundation.path).
-``--order pipeline-first`` runs the pipeline before the bare loop (a check that the order does not
-decide the figure).
+The bare loop runs before and after the pipeline; the reference is their mean (this machine's
+speed drifts over minutes).
 """
 
 import argparse
@@ -54,7 +54,6 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3000, help="rounded to whole classes")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--untrained", action="store_true", help="random weights of the config's architecture")
-    parser.add_argument("--order", choices=["bare-first", "pipeline-first"], default="bare-first")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     if args.untrained:
@@ -74,7 +73,26 @@ def main() -> None:
         model = done["generator"]["model"]
     syn = cfg.synthesis
 
+    def cpu_seconds() -> dict[str, float]:
+        """CPU seconds so far of this driver and of each other Ray process (by name)."""
+        import psutil
+
+        out = {}
+        for p in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if p.pid == os.getpid():
+                name = "driver"
+            elif "ray" in cmd:
+                name = cmd.split(" ")[0].rsplit("/", 1)[-1][:40]
+            else:
+                continue
+            t = p.info["cpu_times"]
+            out[name] = out.get(name, 0.0) + (t.user + t.system if t else 0.0)
+        return out
+
     def pipeline_run():
+        nonlocal cpu
+        before = cpu_seconds()
         with tempfile.TemporaryDirectory() as tmp:
             run_cfg = load_config(args.config, args.overrides + [
                 f"output.root={tmp}", f"synthesis.images_per_class={per_class}", "tracking.enabled=false"])
@@ -85,27 +103,35 @@ def main() -> None:
             # model and how long on the whole shard (model + waiting for encodes + tar + write).
             shards = [storage.read_json(p)
                       for p in storage.list_files(storage.join(summary["dataset"], "_shards"), ".json")]
+        after = cpu_seconds()
+        cpu = {k: round(v - before.get(k, 0.0), 1) for k, v in after.items() if v - before.get(k, 0.0) > 0.5}
+        startup.update({k: round(summary[k], 1) for k in ("actor_start_seconds", "actor_init_seconds")})
         return wall, shards, started
 
-    if args.order == "pipeline-first":
-        wall, shards, started = pipeline_run()
-        bare = bare_loop(cfg, model, names, context, loras, n)
-    else:
-        bare = bare_loop(cfg, model, names, context, loras, n)
-        wall, shards, started = pipeline_run()
+    cpu: dict = {}
+    startup: dict = {}
+
+    # The bare loop before and after the pipeline, and their mean as the reference: this machine's speed
+    # drifts by ±10 % over minutes (other tenants), and a single bare run before or after would pick a side.
+    bare_before = bare_loop(cfg, model, names, context, loras, n)
+    wall, shards, started = pipeline_run()
+    bare_after = bare_loop(cfg, model, names, context, loras, n)
+    bare = (bare_before + bare_after) / 2
     pipeline = n / wall
     model_s = sum(s["model_seconds"] for s in shards)
     shard_s = sum(s["seconds"] for s in shards)
     first_start = min(s["written_at"] - s["seconds"] for s in shards)
     print(json.dumps({"config": args.config, "method": syn.method, "images": n, "batch_size": syn.batch_size,
                       "steps": syn.num_inference_steps, "guidance": syn.guidance_scale,
-                      "actors": syn.actors.model_dump(), "order": args.order,
-                      "bare_images_per_s": round(bare, 2), "pipeline_images_per_s": round(pipeline, 2),
+                      "actors": syn.actors.model_dump(),
+                      "bare_images_per_s": round(bare, 2),
+                      "bare_before_after": [round(bare_before, 2), round(bare_after, 2)], "pipeline_images_per_s": round(pipeline, 2),
                       "efficiency": round(pipeline / bare, 3),
                       "breakdown_s": {"wall": round(wall, 1), "in_model": round(model_s, 1),
                                       "in_model_images_per_s": round(n / model_s, 2),
                                       "in_shards_outside_model": round(shard_s - model_s, 1),
-                                      "before_first_shard_started": round(first_start - started, 1)}},
+                                      "before_first_shard_started": round(first_start - started, 1), **startup},
+                      "pipeline_cpu_s": cpu},
                      indent=1))
 
 

@@ -132,7 +132,10 @@ def init_ray(cfg: Config) -> None:
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys([src, *paths])),
                                               "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     ray.init(**kwargs)
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    except AttributeError:
-        pass
+    context = ray.data.DataContext.get_current()
+    # Progress is ours (Progress); Ray Data's per-object location and per-node metrics cost the busy workers
+    # CPU on a small machine and tell a stage nothing (docs/benchmarks.md, synthesis efficiency).
+    for name in ("enable_progress_bars", "enable_get_object_locations_for_metrics", "enable_per_node_metrics",
+                 "enable_auto_log_stats"):
+        if hasattr(context, name):
+            setattr(context, name, False)

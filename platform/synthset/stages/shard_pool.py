@@ -7,18 +7,22 @@ filters) is one function over one task — usually one shard — run here.
 * ``worker`` is a class: constructed once per pool actor (``worker(**worker_kwargs)`` loads the model,
   opens the source…), then called once per task (``worker(task) -> stats``, a JSON-able dict whose
   ``count`` says how many items the task covered); it writes its own output atomically;
-* with Ray initialised, the tasks are rows of a Ray Dataset mapped by a pool of actors
-  (``ActorPoolStrategy(min, max)``, ``num_cpus``/``num_gpus`` per actor from ``resources``); without
-  Ray, or with ``resources.inline``, they run in this process, in order — the same function on the
-  same tasks, so the outputs are the same bytes;
+* with Ray initialised, a pool of up to ``max`` Ray actors (``num_cpus``/``num_gpus`` each from
+  ``resources``) takes the tasks, each actor the next task as soon as it is free; without Ray, or with
+  ``resources.inline``, they run in this process, in order — the same function on the same tasks, so
+  the outputs are the same bytes;
 * the driver only receives the stats rows, reports progress (and to MLflow), and returns them.
 
-Ray Data recreates a dead pool actor and retries its task on the replacement, without a bound (its
-defaults; the loose remote args that set a bound are deprecated, removed in Ray 2.64): tasks are
-deterministic and write atomically, so a retry is harmless. A task whose code raises fails the run
-(``DataContext.max_errored_blocks = 0``), not retried; a bad input the worker names (``ValueError``,
-``FileNotFoundError``: a bad image, a missing file) comes back as a row and is raised here as itself, so
-the job's message names the file, not Ray's wrapper.
+Why Ray actors and not a Ray Data ``map_batches`` over an ``ActorPoolStrategy`` (what this runner was
+until 7 December): a task here is a whole shard (a thousand images, seconds to minutes of work), so
+Ray Data's block handling has nothing to overlap, while its executor loop, stats and location actors
+took ~8 % of a 2-core machine from the model and its default ran the worker on a side thread where
+torch ran ~25 % slower; the synthesis pipeline reached 0.87 of a bare loop that way and ~0.92 with
+plain actors (docs/benchmarks.md). What Ray Data gave is kept: a dead actor is restarted and its task
+run again (``max_restarts``/``max_task_retries``: tasks are deterministic and write atomically, so a
+retry is harmless); a task whose code raises fails the run, not retried; a bad input the worker names
+(``ValueError``, ``FileNotFoundError``: a bad image, a missing file) comes back as a row and is raised
+here as itself, so the job's message names the file, not Ray's wrapper.
 """
 
 from __future__ import annotations
@@ -65,13 +69,24 @@ def process_stats() -> dict:
 
 
 class _PoolActor:
-    """The Ray Data callable around a worker: tasks in as JSON strings, stats out as JSON strings."""
+    """The pool actor around a worker: tasks in as JSON strings, stats out as JSON strings."""
 
     def __init__(self, worker: type, worker_kwargs: dict):
+        started = time.time()
         self.worker = worker(**worker_kwargs)
+        self.init = {"actor_started_at": started, "actor_init_seconds": time.time() - started}
+
+    def ready(self) -> bool:
+        return True
 
     def __call__(self, batch: dict) -> dict:
-        return {"stats": [json.dumps(_call(self.worker, json.loads(str(task)))) for task in batch["task"]]}
+        rows = []
+        for task in batch["task"]:
+            stats = _call(self.worker, json.loads(str(task)))
+            if self.init:  # the actor's start-up, reported with its first task (benchmarks read it)
+                stats, self.init = {**stats, **self.init}, None
+            rows.append(json.dumps(stats))
+        return {"stats": rows}
 
 
 _USER_ERRORS = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}
@@ -139,13 +154,8 @@ def run_shard_pool(tasks: list[dict], worker: type, worker_kwargs: dict, resourc
         for task in tasks:
             record(json.loads(json.dumps(_call(instance, json.loads(json.dumps(task))))))
         return results
-    ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
-    ds = ds.map_batches(_PoolActor, fn_constructor_kwargs={"worker": worker, "worker_kwargs": worker_kwargs},
-                        batch_size=1, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(min_size=resources.min, max_size=resources.max),
-                        num_cpus=resources.num_cpus, num_gpus=resources.num_gpus or None)
-    for row in ds.iter_rows():
-        record(json.loads(row["stats"]))
+    for stats in _actor_pool(tasks, worker, worker_kwargs, resources):
+        record(stats)
     return results
 
 
@@ -162,3 +172,36 @@ class _FunctionWorker:
 
     def __call__(self, task: dict) -> dict:
         return self.fn(task, **self.fn_kwargs)
+
+
+
+def _actor_pool(tasks: list[dict], worker: type, worker_kwargs: dict, resources: PoolResources):
+    """Stats of ``tasks`` run by up to ``resources.max`` pool actors, each given the next task when it is free.
+
+    Actors are used as they become ready (an actor the cluster cannot place yet does not hold up the others);
+    at least ``resources.min`` must start. A dead actor is restarted and its task run again (Ray's
+    ``max_restarts``/``max_task_retries``): tasks are deterministic and write atomically.
+    """
+    import ray
+
+    actor_cls = ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus or 0, max_restarts=-1,
+                           max_task_retries=-1)(_PoolActor)
+    actors = [actor_cls.remote(worker, worker_kwargs) for _ in range(max(resources.min, resources.max))]
+    starting = {actor.ready.remote(): actor for actor in actors}
+    queue, running, idle = [json.dumps(t) for t in tasks], {}, []
+    try:
+        while queue or running:
+            while queue and idle:
+                actor = idle.pop()
+                running[actor.__call__.remote({"task": [queue.pop(0)]})] = actor
+            done, _ = ray.wait(list(running) + list(starting), num_returns=1)
+            if done[0] in starting:
+                ray.get(done[0])  # a worker that cannot start (a missing model) fails here, as itself
+                idle.append(starting.pop(done[0]))
+                continue
+            idle.append(running.pop(done[0]))
+            for row in ray.get(done[0])["stats"]:
+                yield json.loads(row)
+    finally:
+        for actor in actors:
+            ray.kill(actor)

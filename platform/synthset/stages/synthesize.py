@@ -130,7 +130,7 @@ def run_synthesis(cfg: Config, model_path: str, class_names: list[str], resume: 
     print(f"[synthesis] {total} images ({syn.method}, {syn.num_inference_steps} steps, guidance {syn.guidance_scale}) "
           f"in {len(ranges)} shards; {len(done)} already complete; actors {syn.actors.min}..{syn.actors.max} "
           f"× {syn.actors.num_gpus} GPU")
-    t0 = time.time()
+    t0 = started = time.time()
     new = run_shard_pool(
         tasks, ShardGenerator,
         {"model_path": model_path, "synthesis": syn.model_dump(mode="json"), "class_names": class_names,
@@ -149,7 +149,12 @@ def run_synthesis(cfg: Config, model_path: str, class_names: list[str], resume: 
                               "seconds": seconds, "images_per_s": generated / seconds if seconds > 0 else 0.0,
                               "driver_peak_rss_mb": process_stats()["peak_rss_mb"],
                               "actor_peak_rss_mb": max((s.get("peak_rss_mb", 0.0) for s in new), default=0.0),
-                              "actors_used": len({s.get("pid") for s in new})})
+                              "actors_used": len({s.get("pid") for s in new}),
+                              # before the first shard: the actor's process and Ray Data (start), its model (init)
+                              "actor_start_seconds": min((s["actor_started_at"] - started for s in new
+                                                          if "actor_started_at" in s), default=0.0),
+                              "actor_init_seconds": max((s.get("actor_init_seconds", 0.0) for s in new),
+                                                        default=0.0)})
     print(f"[synthesis] {generated} images generated in {seconds:.0f}s "
           f"({summary['images_per_s']:.1f} images/s) → {dataset}")
     return summary
