@@ -43,6 +43,10 @@ def main(description: str, work: Callable[[argparse.Namespace, Config], object],
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as err:  # storage a path names cannot be reached: one line, not a filesystem traceback
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        print(f"error: storage: {first}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 @contextmanager

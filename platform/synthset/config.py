@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # The method registry (methods/__init__.py): plain declarations, no torch; it names synthesis.method's
 # choices and the settings only some methods read.
@@ -75,46 +75,58 @@ def uri_credentials(uri: str) -> str | None:
     return None
 
 
-def _reject_credentials(data: Any, dotted: str, where: str) -> Any:
-    """A ``mode="before"`` check of field ``dotted`` (``section.field``), so that the error does not echo the secret."""
-    value = data.get(dotted.rsplit(".", 1)[-1]) if isinstance(data, dict) else None
-    problem = uri_credentials(value) if isinstance(value, str) else None
+# Where each kind of URI's credentials belong instead (the hint of the error that rejects them).
+_OBJECT_STORE_HINT = ("Give object-store credentials in the environment: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                      "for s3://, workload identity or GOOGLE_APPLICATION_CREDENTIALS for gs://; a hub token in HF_TOKEN.")
+_MLFLOW_HINT = ("Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
+                "environment instead; MLflow reads them there.")
+
+
+def _no_secret(hint: str):
+    def check(value: Any) -> Any:
+        problem = uri_credentials(value) if isinstance(value, str) else None
+        if problem:
+            from pydantic_core import PydanticCustomError
+
+            raise PydanticCustomError("uri_credentials", "the URI holds {problem}; credentials are not allowed in "
+                                      "a config (it is written beside every artifact and logged to MLflow). {hint}",
+                                      {"problem": problem, "hint": hint})
+        return value
+    return check
+
+
+# Every path or URI field of the config (a directory, a bucket prefix, a hub id, a server): one type that
+# refuses embedded credentials before anything is printed, hashed or written, without repeating them.
+Uri = Annotated[str, BeforeValidator(_no_secret(_OBJECT_STORE_HINT))]
+TrackingUri = Annotated[str, BeforeValidator(_no_secret(_MLFLOW_HINT))]
+
+
+def _a_root_of_its_own(value: str) -> str:
+    from synthset.storage import root_problem
+
+    problem = root_problem(value)
     if problem:
-        raise ValueError(f"{dotted}: the URI holds {problem}; credentials are not allowed in a config (it is "
-                         f"written beside every artifact and logged to MLflow). {where}")
-    return data
+        raise ValueError(problem)
+    return value
 
 
 class OutputConfig(Section):
-    root: str = Field("runs/default", description="Directory (or pyarrow filesystem URI) for every artifact. "
+    root: Annotated[Uri, AfterValidator(_a_root_of_its_own)] = Field("runs/default", description="Directory (or pyarrow filesystem URI) for every artifact. "
                       "Credentials come from the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, workload "
                       "identity), never from the URI.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_credentials(cls, data: Any) -> Any:
-        return _reject_credentials(data, "output.root", "Give object-store credentials in the environment: "
-                                   "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3://, workload identity or "
-                                   "GOOGLE_APPLICATION_CREDENTIALS for gs://.")
 
 
 class TrackingConfig(Section):
     enabled: bool = True
-    uri: str | None = Field(None, description="MLflow tracking URI, without credentials; default: the "
+    uri: TrackingUri | None = Field(None, description="MLflow tracking URI, without credentials; default: the "
                             "MLFLOW_TRACKING_URI environment variable, else sqlite:///<output.root>/mlflow.db. "
                             "Credentials: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or "
                             "MLFLOW_TRACKING_TOKEN in the environment.")
     experiment: str = "synthset"
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_credentials(cls, data: Any) -> Any:
-        return _reject_credentials(data, "tracking.uri", "Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
-                                   "MLFLOW_TRACKING_TOKEN) in the environment instead; MLflow reads them there.")
-
 
 class RayConfig(Section):
-    address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one.")
+    address: Uri | None = Field(None, description="Ray cluster address; None starts or joins a local one.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray.")
 
 
@@ -136,7 +148,7 @@ class SplitsConfig(Section):
 class CaptionConfig(Section):
     """Captions of the real images (TCKR / CaptionPrompt prompts ``"{class}: {caption}"``)."""
 
-    captioner: str = Field("properties", min_length=1, description='"properties": the embedded captioner, '
+    captioner: Uri = Field("properties", min_length=1, description='"properties": the embedded captioner, '
                            "which words measured brightness, size, aspect and texture; otherwise a transformers "
                            "image-to-text model (BLIP-2 in production) by hub id or local directory.")
     prompt: str | None = Field(None, description="Text the model continues (e.g. 'a photo of'); None: image only.")
@@ -159,15 +171,15 @@ class DataConfig(Section):
         "fashion_mnist", description="The real images: fashion_mnist (IDX files, see root), digits (sklearn's 8x8 "
         "digits, a test fixture), image_folder (root/<class>/<image> folders), webdataset (.tar shards), hf (a Hugging "
         "Face datasets dataset); the last three read data.path (data/sources.py).")
-    root: str | None = Field(None, description="fashion_mnist only: directory holding the four IDX files (.gz or raw).")
+    root: Uri | None = Field(None, description="fashion_mnist only: directory holding the four IDX files (.gz or raw).")
     download: bool = Field(True, description="fashion_mnist: fall back to the official download when no local "
                            "copy exists.")
-    path: str | None = Field(
+    path: Uri | None = Field(
         None, description="Where image_folder, webdataset and hf read (required for them): image_folder: the directory "
         "whose subfolders are the classes (sorted names = class names); webdataset: a directory of .tar shards or a "
         "brace/glob pattern such as 'shards/train-{000000..000009}.tar'; hf: a directory written by save_to_disk, or a "
         "hub id (loaded with load_dataset where the network allows).")
-    test_path: str | None = Field(
+    test_path: Uri | None = Field(
         None, description="image_folder / webdataset: the test images, laid out as data.path (same class folders / "
         "labels). None: a fixed data.test_fraction of data.path's images is the test set.")
     split: str = Field("train", min_length=1, description="hf: the dataset split holding the training images.")
@@ -197,6 +209,11 @@ class DataConfig(Section):
         "none of its own (no ClassLabel feature, no manifest.json); None: sorted string labels, or '0', '1', … for "
         "integer labels.")
     image_size: int = Field(32, ge=8, le=1024, description="Images are zero-padded/resized to this square size.")
+    follow_links_outside: bool = Field(False, description="image_folder: follow symbolic links whose target lies "
+                                       "outside data.path (off: such a link is an error naming it).")
+    max_image_pixels: int | None = Field(None, ge=1, description="The most pixels a source image may declare "
+                                         "before it is decoded (a decompression bomb is a bad image); None: 4096² or "
+                                         "64 × data.image_size², whichever is larger.")
     splits: SplitsConfig = SplitsConfig()
     public_shift: Literal[PUBLIC_SHIFTS] = Field(
         "shrink", description="How the public split (the foundation model's pretraining data) differs from the "
@@ -277,7 +294,7 @@ class PretrainConfig(Section):
 
 
 class FoundationConfig(Section):
-    path: str | None = Field(None, description="Hub id or directory of a pretrained pipeline; None pretrains the embedded one.")
+    path: Uri | None = Field(None, description="Hub id or directory of a pretrained pipeline; None pretrains the embedded one.")
     arch: FoundationArch = FoundationArch()
     pretrain: PretrainConfig = PretrainConfig()
 
@@ -331,7 +348,7 @@ class AdaptConfig(Section):
 class RCDMEmbedConfig(Section):
     """RCDM's image encoder (``stages/embed.py``): what embeds the private images and the generated ones."""
 
-    encoder: str = Field("public_cnn", min_length=1, description="'public_cnn': a small CNN the embed stage trains "
+    encoder: Uri = Field("public_cnn", min_length=1, description="'public_cnn': a small CNN the embed stage trains "
                          "on the public split (the embedded default: an encoder that never saw a private image, "
                          "like DINOv2 never saw the private set); otherwise a transformers image model (DINOv2, CLIP "
                          "vision) by hub id or local directory: its pooled/CLS output is the embedding.")
@@ -461,7 +478,7 @@ class GeneratorTrainConfig(DiffusionTrainConfig):
 class CASDPoolConfig(Section):
     """CASD's synthetic pool (source 1): an existing synthset dataset, or one generated here first."""
 
-    path: str | None = Field(None, min_length=1, description="A synthset dataset (directory or URI holding "
+    path: Uri | None = Field(None, min_length=1, description="A synthset dataset (directory or URI holding "
                              "manifest.json), e.g. a ClassPrompt run's synthesis/<hash>/data.")
     method: str | None = Field(None, min_length=1, description="Generate the pool first with this registered "
                                "method under this config (its own stages and synthesis stage, cached like any "
@@ -535,7 +552,7 @@ class SynthesisConfig(Section):
 class ClassifierConfig(Section):
     arch: Literal["cnn", "resnet"] = "cnn"
     width: int = Field(32, ge=4, description="Channels of the first stage (CNN) / embedding size (ResNet).")
-    pretrained: str | None = Field(None, description="transformers checkpoint (hub id or directory) for arch=resnet.")
+    pretrained: Uri | None = Field(None, description="transformers checkpoint (hub id or directory) for arch=resnet.")
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0, le=1)
@@ -608,7 +625,7 @@ class PrivacyConfig(Section):
         "highest over shadow modes and variants) is at most this; None: not checked. This is the threshold on TPR at "
         "0.1% FPR ('max_tpr_at_0.1pct_fpr'), spelled with '_' for the '.': a field name and a --set path cannot "
         "hold a dot.")
-    export_to: str | None = Field(
+    export_to: Annotated[Uri, AfterValidator(_a_root_of_its_own)] | None = Field(
         None, min_length=1, description="Export gate: where a dataset that passes is published (a directory or "
         "pyarrow filesystem URI); None: <output.root>/export/<hash>/data.")
 
@@ -633,7 +650,7 @@ class ReplicationConfig(Section):
                                                   "distance (Carlini et al. 2023); cosine: in the `features` space.")
     tile: int = Field(8, ge=1, description="Tile size in pixels for tiled_l2 (must divide data.image_size).")
     reduce: Literal["max", "mean"] = "max"
-    features: str = Field("teacher", min_length=1, description="Encoder for metric=cosine: 'teacher' (its "
+    features: Uri = Field("teacher", min_length=1, description="Encoder for metric=cosine: 'teacher' (its "
                           "penultimate features) or a transformers image model (hub id or local directory).")
     quantile: float = Field(0.01, gt=0, lt=1, description="Threshold = this quantile of the private images' "
                             "distances to their nearest other private image (calibrated per run).")
@@ -650,7 +667,7 @@ class EvaluateConfig(Section):
     """The ``evaluate`` section: generative metrics, replication statistics, LiRA and the report per dataset."""
 
     enabled: bool = Field(True, description="Run the evaluation at the end of the pipeline.")
-    features: str = Field("teacher", min_length=1, description="Feature space of FID/KID/PRDC/diversity: "
+    features: Uri = Field("teacher", min_length=1, description="Feature space of FID/KID/PRDC/diversity: "
                           "'teacher' (its penultimate features) or a transformers image model (Inception, DINOv2) "
                           "by hub id or local directory.")
     sample_size: int = Field(2000, ge=10, description="Synthetic and private images (each, seeded) for the "
@@ -771,7 +788,7 @@ def config_hash(obj: Any) -> str:
 
 DATA_FIELDS_SINCE_SOURCES = ("path", "test_path", "split", "test_split", "test_fraction", "channels",
                              "alpha_background", "on_bad_image", "image_column", "label_column", "label_key",
-                             "class_names")
+                             "class_names", "follow_links_outside", "max_image_pixels")
 
 
 def pipeline_generation(cfg: Config) -> str:
@@ -819,6 +836,8 @@ def _format_error(err: ValidationError, source: str) -> str:
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {path}: unknown key")
+        elif e["type"] == "uri_credentials":  # never repeat the secret
+            lines.append(f"  {path}: {e['msg']}")
         else:
             got = e.get("input")
             got = "" if isinstance(got, dict) else f" (got {got!r})"

@@ -38,10 +38,34 @@ def _location(uri: str) -> tuple[str, str]:
     return f"{scheme}://{bucket}", posixpath.normpath("/" + key)
 
 
-def is_within(root: str, uri: str) -> bool:
-    """Whether ``uri`` is ``root`` or lies below it (same filesystem, same bucket; ``..`` folded first)."""
+def is_within(root: str, uri: str, resolve_links: bool = False) -> bool:
+    """Whether ``uri`` is ``root`` or lies below it (same filesystem, same bucket; ``..`` folded first).
+
+    ``resolve_links``: for local paths, compare where symbolic links really lead (a link inside the root
+    that points elsewhere is outside)."""
     (root_fs, root_path), (fs, path) = _location(root), _location(uri)
+    if resolve_links and fs == root_fs == "":
+        root_path, path = os.path.realpath(root_path), os.path.realpath(path)
     return fs == root_fs and (path == root_path or path.startswith(root_path.rstrip("/") + "/"))
+
+
+# Local directories no run may write into as its root (the filesystem's own and the user's home).
+SYSTEM_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run",
+               "/sbin", "/sys", "/usr", "/var", "/snap", "/srv", "/opt", "/root", "/home", "/tmp", "/mnt", "/media")
+
+
+def root_problem(uri: str) -> str | None:
+    """Why ``uri`` cannot be a root that a run writes everything under (None when it can): the filesystem's
+    root, a system directory or a home directory itself, or a bucket without a prefix — a run needs a
+    directory of its own. Links are resolved first (a link to ``/`` is ``/``)."""
+    fs, path = _location(uri)
+    if fs:
+        return None if path.strip("/") else f"{uri} is a whole bucket; give a prefix (s3://bucket/project/run)"
+    real = os.path.realpath(path)
+    if real in SYSTEM_DIRS or real == os.path.realpath(os.path.expanduser("~")):
+        shown = path if real == path else f"{path} (a link to {real})"
+        return f"{shown} is a system or home directory; give a directory of the project's own (e.g. runs/my-run)"
+    return None
 
 
 def is_local(uri: str) -> bool:
@@ -51,6 +75,23 @@ def is_local(uri: str) -> bool:
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def exists_or_explain(uri: str, field: str) -> bool:
+    """``exists(uri)``, with a storage error (no credentials, an unknown bucket, no network) turned into one
+    line that names the config ``field`` instead of a filesystem library's traceback."""
+    try:
+        return exists(uri)
+    except (OSError, ValueError) as err:  # pyarrow raises OSError (and ArrowInvalid, a ValueError) for these
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{field}: cannot reach {uri} ({first})") from None
+
+
+def delete(uri: str) -> None:
+    """Remove one file if it exists."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_file(path)
 
 
 def makedirs(uri: str) -> None:

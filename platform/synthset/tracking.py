@@ -35,6 +35,12 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
 
 
+def artifact_location(cfg: Config) -> str:
+    """Where a new experiment keeps its artifacts: ``<output.root>/mlartifacts`` (a URI for an object store)."""
+    root = output_root(cfg)
+    return root.rstrip("/") + "/mlartifacts" if "://" in root else "file://" + os.path.join(root, "mlartifacts")
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in d.items():
@@ -60,6 +66,10 @@ class Tracker:
             if "://" not in output_root(cfg):
                 os.makedirs(output_root(cfg), exist_ok=True)  # the default SQLite store lives there
             mlflow.set_tracking_uri(self.uri)
+            if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+                # Artifacts (grids, confusion matrices, reports) under output.root, not ./mlruns of wherever
+                # the job started; a tracking server's experiment gets the same place unless it has one.
+                mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg))
             mlflow.set_experiment(cfg.tracking.experiment)
 
     @contextmanager

@@ -63,10 +63,10 @@ class HFSource(Source):
 
     def __init__(self, path: str, split: str = "train", test_split: str | None = None,
                  image_column: str = "image", label_column: str = "label", class_names: list[str] | None = None,
-                 channels: int = 1, on_bad_image: str = "error", background: int = 255):
+                 channels: int = 1, on_bad_image: str = "error", background: int = 255, max_pixels: int | None = None):
         import datasets
 
-        super().__init__(channels, on_bad_image, background)
+        super().__init__(channels, on_bad_image, background, max_pixels)
         self.path, self.image_column, self.label_column = path, image_column, label_column
         loaded = load_hf_dataset(path)
         wanted = {"train": (split, "data.split")}

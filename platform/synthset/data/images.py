@@ -22,6 +22,7 @@ Mode conversion (``to_channels``):
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -115,8 +116,15 @@ def fit_images(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([fit_image(im, size) for im in images])
 
 
+def pixel_cap(image_size: int, max_image_pixels: int | None = None) -> int:
+    """The most pixels a source image may declare: ``data.max_image_pixels``, else 4096² or 64 × the
+    training size², whichever is larger (a 12-megapixel photo passes; a 20 KB PNG declaring 13000 × 13000
+    does not get decoded)."""
+    return max_image_pixels or max(4096 * 4096, 64 * image_size * image_size)
+
+
 def read_image(data: bytes | str | Path | Image.Image, name: str, channels: int, size: int | None = None,
-               background: int = 255) -> np.ndarray:
+               background: int = 255, max_pixels: int | None = None) -> np.ndarray:
     """Decode one image into uint8 (H, W) (channels=1) or (H, W, 3) (channels=3), fitted to ``size``.
 
     ``data`` is the encoded file (bytes), a path to it, or an already opened PIL image; ``name``
@@ -125,18 +133,26 @@ def read_image(data: bytes | str | Path | Image.Image, name: str, channels: int,
     PIL's decompression-bomb limit — raises ``BadImage`` (a ``ValueError``: ``"<name>: <reason>"``).
     """
     try:
-        if isinstance(data, Image.Image):
-            image = data
-        else:
-            # Bytes in memory, never an open file: nothing to close, even for multi-frame GIF/TIFF.
-            raw = data if isinstance(data, (bytes, bytearray)) else Path(data).read_bytes()
-            image = Image.open(io.BytesIO(raw))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below 179 Mpx
+            if isinstance(data, Image.Image):
+                image = data
+            else:
+                # Bytes in memory, never an open file: nothing to close, even for multi-frame GIF/TIFF.
+                raw = data if isinstance(data, (bytes, bytearray)) else Path(data).read_bytes()
+                image = Image.open(io.BytesIO(raw))
+            declared = image.size[0] * image.size[1]
+        if max_pixels is not None and declared > max_pixels:
+            raise BadImage(name, f"declares {image.size[0]}×{image.size[1]} = {declared:,} pixels, over the cap of "
+                                 f"{max_pixels:,} (data.max_image_pixels); not decoded")
         if size is not None and image.format == "JPEG":
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much smaller
             # (the shorter side stays >= size): large photos decode several times faster.
             image.draft(None, (size, size))
         image.load()  # PIL decodes lazily: force it here so a corrupt file fails now, by name
         array = np.asarray(to_channels(image, channels, background))
+    except BadImage:
+        raise
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, …
         raise BadImage(name, f"cannot read image ({type(err).__name__}: {err})") from None
     return array if size is None else fit_image(array, size)

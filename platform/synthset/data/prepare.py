@@ -141,6 +141,7 @@ def plan_prepare(cfg: DataConfig, find_bad: FindBad | None = None, source: Sourc
             raise ValueError(f"{type(source).__name__}: no usable images in the {part!r} part"
                              + (f" ({len(why)} skipped)" if why else ""))
     names = source.class_names
+    _check_classes(names, train.labels, test.labels, "test" in parts)
     pub, priv, held = draw_splits(cfg, train.labels, names)
     pick = lambda name, rows: SplitPlan(name, "train", [train.refs[i] for i in rows], [train.keys[i] for i in rows],
                                         train.labels[rows], rows)
@@ -158,6 +159,21 @@ def plan_prepare(cfg: DataConfig, find_bad: FindBad | None = None, source: Sourc
 
     in_process = isinstance(source, ArraySource)
     return PreparePlan(names, splits, record, shape, size, all_skipped, in_process, source if in_process else None)
+
+
+def _check_classes(names: list[str], train_labels: np.ndarray, test_labels: np.ndarray, own_test: bool) -> None:
+    """A class without a single training image fails here, saying why: no split size can fix it."""
+    in_train = np.bincount(train_labels, minlength=len(names))
+    in_test = np.bincount(test_labels, minlength=len(names))
+    empty = [c for c in range(len(names)) if in_train[c] == 0]
+    if not empty:
+        return
+    listed = ", ".join(f"{names[c]!r} ({in_test[c]} test image(s))" for c in empty)
+    if own_test:
+        raise ValueError(f"data.path: no training images of class(es) {listed}; add images of them to data.path")
+    raise ValueError(f"data.path: no training images of class(es) {listed}: every image of them falls in the test "
+                     "set, which data.test_fraction picks by a hash of each file's name, so no split size can fix it; "
+                     "add images of the class, or give the test images in data.test_path")
 
 
 def shard_specs(plan: PreparePlan) -> list[dict]:

@@ -43,7 +43,7 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 
 from synthset.config import DataConfig
-from synthset.data.images import BadImage, fit_images, read_image
+from synthset.data.images import BadImage, fit_images, pixel_cap, read_image
 
 FASHION_MNIST_CLASSES = [
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
@@ -131,7 +131,9 @@ class Source:
     # The (H, W) every image of the source has, when they all share one (arrays); None when sizes vary.
     native_size: tuple[int, int] | None = None
 
-    def __init__(self, channels: int = 1, on_bad_image: str = "error", background: int = 255):
+    def __init__(self, channels: int = 1, on_bad_image: str = "error", background: int = 255,
+                 max_pixels: int | None = None):
+        self.max_pixels = max_pixels  # the most pixels an image may declare (images.pixel_cap); None: PIL's own
         if channels not in (1, 3):
             raise ValueError(f"data.channels: must be 1 or 3 (got {channels!r})")
         if on_bad_image not in ("error", "skip"):
@@ -206,7 +208,7 @@ class Source:
 
     def _read_image(self, data, name: str, size: int | None) -> np.ndarray:
         """``images.read_image`` in this source's mode (``BadImage`` when the image cannot be decoded)."""
-        return read_image(data, name, self.channels, size, self.background)
+        return read_image(data, name, self.channels, size, self.background, self.max_pixels)
 
 
 class ArraySource(Source):
@@ -356,21 +358,23 @@ def _open_digits(cfg: DataConfig, cache_dir: str | Path) -> Source:
 def _open_image_folder(cfg: DataConfig, cache_dir: str | Path) -> Source:
     from synthset.data.folder_source import ImageFolderSource
 
-    return ImageFolderSource(cfg.path, cfg.test_path, cfg.channels, cfg.on_bad_image, cfg.alpha_background)
+    return ImageFolderSource(cfg.path, cfg.test_path, cfg.channels, cfg.on_bad_image, cfg.alpha_background,
+                             cfg.follow_links_outside, pixel_cap(cfg.image_size, cfg.max_image_pixels))
 
 
 def _open_webdataset(cfg: DataConfig, cache_dir: str | Path) -> Source:
     from synthset.data.webdataset_source import WebDatasetSource
 
     return WebDatasetSource(cfg.path, cfg.test_path, cfg.label_key, cfg.class_names, cfg.channels,
-                            cfg.on_bad_image, cfg.alpha_background)
+                            cfg.on_bad_image, cfg.alpha_background, pixel_cap(cfg.image_size, cfg.max_image_pixels))
 
 
 def _open_hf(cfg: DataConfig, cache_dir: str | Path) -> Source:
     from synthset.data.hf_source import HFSource
 
     return HFSource(cfg.path, cfg.split, cfg.test_split, cfg.image_column, cfg.label_column, cfg.class_names,
-                    cfg.channels, cfg.on_bad_image, cfg.alpha_background)
+                    cfg.channels, cfg.on_bad_image, cfg.alpha_background,
+                    pixel_cap(cfg.image_size, cfg.max_image_pixels))
 
 
 # data.source → opener. The names are config.DATA_SOURCES (tests/test_sources.py checks they agree).

@@ -36,7 +36,7 @@ from typing import Iterator
 
 import numpy as np
 
-from synthset.data.images import IMAGE_SUFFIXES
+from synthset.data.images import IMAGE_SUFFIXES, BadImage
 from synthset.data.sources import Listing, Source
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -108,12 +108,28 @@ def iter_tar_members(shard: Path, read, keep=lambda ext: True) -> Iterator[tuple
                         yield key, members
                     key, members = member_key, {}
                 if (read(ext) or keep(ext)) and ext not in members:
+                    if read(ext) and info.size > MAX_LABEL_BYTES:
+                        raise ValueError(f"{shard}:{info.name}: a {info.size:,}-byte .{ext} member (at most "
+                                         f"{MAX_LABEL_BYTES:,} are read for a label)")
                     members[ext] = (info, tar.extractfile(info).read() if read(ext) else None)
     except (tarfile.TarError, OSError, EOFError) as err:
         # A damaged shard is not one bad image: data.on_bad_image does not skip it.
         raise ValueError(f"{shard}: unreadable tar file ({type(err).__name__}: {err})") from None
     if key is not None:
         yield key, members
+
+
+# What is read of one member: a label (.cls, .json) and an image; a bigger one (a .tar.gz bomb) is refused.
+MAX_LABEL_BYTES = 1 << 20
+MAX_IMAGE_BYTES = 256 << 20
+
+
+def _safe_key(key: str) -> str:
+    """A tar member's sample key as a source key: no absolute path, no ``..``, no empty segment."""
+    import posixpath
+
+    parts = [p for p in posixpath.normpath("/" + key).split("/") if p not in ("", ".", "..")]
+    return "/".join(parts) or "_"
 
 
 def _is_image(ext: str) -> bool:
@@ -129,8 +145,8 @@ class WebDatasetSource(Source):
 
     def __init__(self, path: str, test_path: str | None = None, label_key: str | None = None,
                  class_names: list[str] | None = None, channels: int = 1, on_bad_image: str = "error",
-                 background: int = 255):
-        super().__init__(channels, on_bad_image, background)
+                 background: int = 255, max_pixels: int | None = None):
+        super().__init__(channels, on_bad_image, background, max_pixels)
         self.shards = {"train": expand_shards(path, "data.path")}
         if test_path is not None:
             self.shards["test"] = expand_shards(test_path, "data.test_path")
@@ -230,13 +246,16 @@ class WebDatasetSource(Source):
                     skipped.append((len(keys), self._bad(name, str(err))))
                     continue
                 info = members[image_ext][0]
-                keys.append(f"{shard.name}/{key}")
+                keys.append(f"{shard.name}/{_safe_key(key)}")
                 labels.append(label)
                 refs.append((str(shard), f"{key}.{image_ext}", info.offset_data, info.size))
         return Listing(keys, np.asarray(labels, dtype=np.int64), refs, skipped)
 
     def _decode(self, ref, size: int | None) -> np.ndarray:
         shard, member, offset, length = ref
+        if length > MAX_IMAGE_BYTES:
+            raise BadImage(f"{shard}:{member}", f"a {length:,}-byte image member, over the {MAX_IMAGE_BYTES:,} "
+                                               "bytes read for one image")
         return self._read_image(self._member_bytes(shard, offset, length), f"{shard}:{member}", size)
 
     def _member_bytes(self, shard: str, offset: int, length: int) -> bytes:

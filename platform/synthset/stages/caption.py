@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from synthset import storage
-from synthset.config import Config, config_hash
+from synthset.config import Config, DataConfig, config_hash
 from synthset.methods.plan import shard_ranges
 from synthset.stages.common import StageDir, output_root
 from synthset.stages.shard_pool import PoolResources, run_shard_pool, torch_setup
@@ -36,6 +36,9 @@ def caption_dir(cfg: Config, split: str = "private") -> StageDir:
     if split not in SPLITS:
         raise ValueError(f"caption split must be one of {SPLITS}, got {split!r}")
     data = cfg.data.model_dump(mode="json")
+    for name in ("follow_links_outside", "max_image_pixels"):  # added later: at their defaults, the old hashes
+        if data[name] == DataConfig.model_fields[name].default:
+            data.pop(name)
     caption = data.pop("caption")
     caption.pop("actors")
     if split == "private":

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 from synthset import storage
@@ -44,11 +46,15 @@ class StageDir:
         return out
 
     def check_within(self, cfg: Config) -> None:
-        """Raise ``ValueError`` unless this directory lies under ``cfg``'s output root."""
+        """Raise ``ValueError`` unless this directory lies under ``cfg``'s output root, where links really lead."""
         root = output_root(cfg)
         if not storage.is_within(root, self.uri):
             raise ValueError(f"[{self.stage}] stage directory {self.uri} is outside output.root ({root}): "
                              "refusing to write there; every stage writes below output.root")
+        if not storage.is_within(root, self.uri, resolve_links=True):
+            real = os.path.realpath(storage.local_path(self.uri))
+            raise ValueError(f"[{self.stage}] stage directory {self.uri} leads to {real} through a symbolic link, "
+                             f"outside output.root ({root}): refusing to write there; remove the link")
 
     def path(self, *parts: str) -> str:
         """A file or folder inside this stage directory; a part that is absolute, a URI or holds '..' is an error."""
@@ -71,8 +77,13 @@ class StageDir:
         return {**self.summary(), "reused": True}
 
     def begin(self, cfg: Config) -> None:
+        """Take this stage's lease (one writer at a time) and mark it incomplete before anything is written:
+        ``_SUCCESS.json`` goes first, so a run killed while redoing a stage (``--no-resume``) never leaves
+        an emptied stage that reads as complete."""
         self.check_within(cfg)
         storage.makedirs(self.uri)
+        take_lease(self)
+        storage.delete(self.path(SUCCESS))
         storage.write_bytes(self.path("config.yaml"), cfg.to_yaml().encode())
         storage.write_json(self.path("config_hash.json"), {"stage": self.stage, "stage_hash": self.hash,
                                                            "config_hash": config_hash(cfg.to_dict())})
@@ -80,7 +91,115 @@ class StageDir:
     def complete(self, summary: dict) -> dict:
         summary = {"stage": self.stage, "stage_hash": self.hash, "completed_at": time.time(), **summary}
         storage.write_json(self.path(SUCCESS), summary)
+        release_lease(self)
         return summary
+
+
+# --- One writer per stage: a lease file with its owner and a heartbeat ---------------------------------
+#
+# ``begin`` takes ``_LEASE.json`` (owner: host, pid and a token of this process; heartbeat: when it last said
+# it is alive) and a thread of this process renews every lease it holds each LEASE_RENEW seconds; ``complete``
+# gives it back. A second run of the same stage finds a fresh lease of another owner and stops with a message
+# naming it; a lease whose heartbeat is older than LEASE_STALE (its run was killed) is taken over. On local
+# disk the lease is created exclusively (O_EXCL), so two runs cannot both take it; an object store has no
+# exclusive create, so there a run writes its lease and reads it back after LEASE_SETTLE seconds, and the one
+# whose lease is still there goes on (the documented rule: one writer per stage prefix, checked at start).
+
+LEASE = "_LEASE.json"
+LEASE_RENEW, LEASE_STALE, LEASE_SETTLE = 20.0, 90.0, 2.0
+_TOKEN = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+_HELD: dict[str, str] = {}  # lease path → stage name, held by this process
+_RENEWER: threading.Thread | None = None
+_LOCK = threading.Lock()
+
+
+class StageBusy(ValueError):
+    """Another live run is writing this stage."""
+
+
+def _lease_record() -> dict:
+    return {"owner": _TOKEN, "heartbeat": time.time()}
+
+
+def _read_lease(path: str) -> dict | None:
+    try:
+        return storage.read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def take_lease(stage: StageDir) -> None:
+    path = stage.path(LEASE)
+    with _LOCK:
+        if path in _HELD and (_read_lease(path) or {}).get("owner") == _TOKEN:
+            return  # this process holds it already (a stage begun again after a failure)
+        _HELD.pop(path, None)
+    held = _read_lease(path)
+    if held and held.get("owner") != _TOKEN and time.time() - held.get("heartbeat", 0) < LEASE_STALE:
+        raise StageBusy(f"[{stage.stage}] {stage.uri} is being written by another run ({held['owner']}, alive "
+                        f"{time.time() - held['heartbeat']:.0f}s ago): wait for it to finish, or if that run is dead, "
+                        f"delete {path} (a lease older than {LEASE_STALE:.0f}s is taken over by itself)")
+    if storage.is_local(path):
+        _take_local(stage, path, held)
+    else:
+        storage.write_json(path, _lease_record())
+        time.sleep(LEASE_SETTLE)
+        if (_read_lease(path) or {}).get("owner") != _TOKEN:
+            raise StageBusy(f"[{stage.stage}] {stage.uri}: another run took this stage at the same time; one "
+                            "writer per stage (run it again once the other has finished)")
+    with _LOCK:
+        _HELD[path] = stage.stage
+    _start_renewer()
+
+
+def _take_local(stage: StageDir, path: str, stale: dict | None) -> None:
+    import json
+
+    local = storage.local_path(path)
+    if stale is not None:  # a dead run's lease: move it aside atomically; of two runs, one wins the rename
+        aside = f"{local}.stale-{_TOKEN.replace(':', '-')}"
+        try:
+            os.rename(local, aside)
+            os.remove(aside)
+        except FileNotFoundError:
+            pass
+    try:
+        fd = os.open(local, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        held = _read_lease(path) or {}
+        raise StageBusy(f"[{stage.stage}] {stage.uri} is being written by another run ({held.get('owner')}): "
+                        "wait for it to finish") from None
+    with os.fdopen(fd, "w") as f:
+        json.dump(_lease_record(), f)
+
+
+def release_lease(stage: StageDir) -> None:
+    path = stage.path(LEASE)
+    with _LOCK:
+        held = _HELD.pop(path, None)
+    if held is not None and (_read_lease(path) or {}).get("owner") == _TOKEN:
+        storage.delete(path)
+
+
+def _renew() -> None:
+    while True:
+        time.sleep(LEASE_RENEW)
+        with _LOCK:
+            paths = list(_HELD)
+        for path in paths:
+            try:
+                if (_read_lease(path) or {}).get("owner") == _TOKEN:
+                    storage.write_json(path, _lease_record())
+            except OSError:
+                pass  # storage unreachable for a moment: the next renewal tries again
+
+
+def _start_renewer() -> None:
+    global _RENEWER
+    with _LOCK:
+        if _RENEWER is None or not _RENEWER.is_alive():
+            _RENEWER = threading.Thread(target=_renew, name="synthset-lease", daemon=True)
+            _RENEWER.start()
 
 
 def completion(stages: list[StageDir]) -> list[bool | None]:

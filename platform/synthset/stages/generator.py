@@ -60,7 +60,8 @@ def check_pool(cfg: Config) -> None:
     if pool.path is None and pool.method is None:
         raise ValueError(f"synthesis.casd.pool.path: variant {cfg.synthesis.casd.variant!r} trains on a synthetic "
                          "pool; set pool.path (a synthset dataset) or pool.method (generate one first)")
-    if pool.path is not None and not storage.exists(storage.join(pool.path, "manifest.json")):
+    if pool.path is not None and not storage.exists_or_explain(storage.join(pool.path, "manifest.json"),
+                                                             "synthesis.casd.pool.path"):
         raise FileNotFoundError(f"synthesis.casd.pool.path: {storage.join(pool.path, 'manifest.json')} not found "
                                 "(expected a complete synthset dataset)")
 
