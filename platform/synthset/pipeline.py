@@ -204,14 +204,13 @@ def run_pipeline(cfg: Config, resume: bool = True) -> dict:
     from synthset.stages.synthesize import dataset_sample_grid, run_label
     from synthset.tracking import Tracker
 
-    from synthset.stages.prepare import run_prepare
-
     t0 = time.time()
-    class_names = validate_inputs(cfg, prepare=False)  # lists the source: bad data fails before Ray starts
+    # Lists the source, then prepares it: bad data fails before Ray or MLflow start (a folder large enough to
+    # be prepared by Ray tasks starts Ray for them: its decoding errors come after that).
+    class_names = validate_inputs(cfg)
     root = output_root(cfg)
     storage.makedirs(root)
     init_ray(cfg)
-    run_prepare(cfg)  # decodes and writes the splits in parallel (reused when prepared before)
     tracker = Tracker(cfg)
     with tracker.pipeline_run("pipeline"):
         foundation = run_foundation(cfg, tracker)

@@ -56,6 +56,10 @@ def list_images(folder: Path, root: Path | None = None, follow_links_outside: bo
     def walk(directory: Path, ancestors: frozenset) -> None:
         st = os.stat(directory)
         here = (st.st_dev, st.st_ino)
+        target = os.path.realpath(directory)
+        if not follow_links_outside and not _is_within(target, real_root):
+            raise ValueError(f"{field}: {directory} is a link to {target}, outside {real_root}; move the images "
+                             "in, or set data.follow_links_outside: true to read them where they are")
         if here in ancestors:
             raise ValueError(f"{field}: {directory} is a directory link that loops back to a folder it lies in "
                              f"({os.path.realpath(directory)}); remove the link")
@@ -63,7 +67,7 @@ def list_images(folder: Path, root: Path | None = None, follow_links_outside: bo
             if not _visible(entry.name):
                 continue
             path = Path(directory) / entry.name
-            if entry.is_symlink() and not follow_links_outside:
+            if entry.is_symlink() and not follow_links_outside and not entry.is_dir():  # directories: walk()
                 target = os.path.realpath(path)
                 if not _is_within(target, real_root):
                     raise ValueError(f"{field}: {path} is a link to {target}, outside {real_root}; move the images "

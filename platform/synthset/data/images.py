@@ -134,7 +134,8 @@ def read_image(data: bytes | str | Path | Image.Image, name: str, channels: int,
     """
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below 179 Mpx
+            # Our cap decides (below); without one, PIL's warning (it only warns below 179 Mpx) is an error.
+            warnings.simplefilter("ignore" if max_pixels else "error", Image.DecompressionBombWarning)
             if isinstance(data, Image.Image):
                 image = data
             else:
@@ -149,7 +150,9 @@ def read_image(data: bytes | str | Path | Image.Image, name: str, channels: int,
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much smaller
             # (the shorter side stays >= size): large photos decode several times faster.
             image.draft(None, (size, size))
-        image.load()  # PIL decodes lazily: force it here so a corrupt file fails now, by name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if max_pixels else "error", Image.DecompressionBombWarning)
+            image.load()  # PIL decodes lazily: force it here so a corrupt file fails now, by name
         array = np.asarray(to_channels(image, channels, background))
     except BadImage:
         raise
