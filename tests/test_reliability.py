@@ -62,9 +62,10 @@ def test_links_leaving_data_path_need_follow_links_outside(tmp_path):
     assert plan.class_names == ["bird", "cat", "dog"]
 
 
-def test_a_fifo_is_never_opened_and_a_non_utf8_name_is_named(tmp_path):
+def test_a_fifo_is_never_opened_and_a_non_utf8_name_and_a_link_loop_are_named(tmp_path):
     folder = _folder(tmp_path / "pets")
     os.mkfifo(folder / "cat" / "pipe.png")
+    os.symlink(folder / "cat" / "self.png", folder / "cat" / "self.png")  # a file link loop
     bad_name = os.fsencode(folder / "dog") + b"/caf\xe9.png"
     Image.new("RGB", (12, 12)).save(bad_name.decode("utf-8", "surrogateescape"))
     with pytest.raises(ValueError, match=r"cat/pipe\.png: not a regular file"):
@@ -73,6 +74,7 @@ def test_a_fifo_is_never_opened_and_a_non_utf8_name_is_named(tmp_path):
     reasons = {s.name.rsplit("/", 1)[-1]: s.reason for s in plan.skipped}
     assert reasons["pipe.png"].startswith("not a regular file")
     assert reasons["caf\\xe9.png"].startswith("its file name is not valid UTF-8")
+    assert "Too many levels of symbolic links" in reasons["self.png"]
 
 
 def test_a_decompression_bomb_is_refused_before_decoding(tmp_path):

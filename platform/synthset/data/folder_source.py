@@ -67,15 +67,15 @@ def list_images(folder: Path, root: Path | None = None, follow_links_outside: bo
             if not _visible(entry.name):
                 continue
             path = Path(directory) / entry.name
-            if entry.is_symlink() and not follow_links_outside and not entry.is_dir():  # directories: walk()
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:  # a link loop on a file: reported with the file below
+                is_dir = False
+            if entry.is_symlink() and not follow_links_outside and not is_dir:  # directories: walk() checks
                 target = os.path.realpath(path)
                 if not _is_within(target, real_root):
                     raise ValueError(f"{field}: {path} is a link to {target}, outside {real_root}; move the images "
                                      "in, or set data.follow_links_outside: true to read them where they are")
-            try:
-                is_dir = entry.is_dir(follow_symlinks=True)
-            except OSError:
-                is_dir = False
             if is_dir:
                 walk(path, ancestors | {here})
             elif entry.name.lower().endswith(IMAGE_SUFFIXES):

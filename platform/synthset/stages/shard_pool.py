@@ -18,9 +18,9 @@ until 7 December): a task here is a whole shard (a thousand images, seconds to m
 Ray Data's block handling has nothing to overlap, while its executor loop, stats and location actors
 took ~8 % of a 2-core machine from the model and its default ran the worker on a side thread where
 torch ran ~25 % slower; the synthesis pipeline reached 0.87 of a bare loop that way and ~0.92 with
-plain actors (docs/benchmarks.md). What Ray Data gave is kept: a dead actor is restarted and its task
-run again (``max_restarts``/``max_task_retries``: tasks are deterministic and write atomically, so a
-retry is harmless); a task whose code raises fails the run, not retried; a bad input the worker names
+plain actors (docs/benchmarks.md). What Ray Data gave is kept: the task of an actor that died (a lost
+node) is run again by the next free actor and the actor is restarted (tasks are deterministic and write
+atomically, so a retry is harmless); a task whose code raises fails the run, not retried; a bad input the worker names
 (``ValueError``, ``FileNotFoundError``: a bad image, a missing file) comes back as a row and is raised
 here as itself, so the job's message names the file, not Ray's wrapper.
 """
@@ -179,28 +179,38 @@ def _actor_pool(tasks: list[dict], worker: type, worker_kwargs: dict, resources:
     """Stats of ``tasks`` run by up to ``resources.max`` pool actors, each given the next task when it is free.
 
     Actors are used as they become ready (an actor the cluster cannot place yet does not hold up the others);
-    at least ``resources.min`` must start. A dead actor is restarted and its task run again (Ray's
-    ``max_restarts``/``max_task_retries``): tasks are deterministic and write atomically.
+    at least ``resources.min`` must start. When an actor dies its task goes back to the queue for the next
+    free actor, and Ray restarts the actor (``max_restarts``) to rejoin when it fits: tasks are deterministic
+    and write atomically, so a task run twice writes the same bytes.
     """
     import ray
 
     actor_cls = ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus or 0, max_restarts=-1,
-                           max_task_retries=-1)(_PoolActor)
+                           max_task_retries=0)(_PoolActor)
     actors = [actor_cls.remote(worker, worker_kwargs) for _ in range(max(resources.min, resources.max))]
     starting = {actor.ready.remote(): actor for actor in actors}
     queue, running, idle = [json.dumps(t) for t in tasks], {}, []
     try:
         while queue or running:
             while queue and idle:
-                actor = idle.pop()
-                running[actor.__call__.remote({"task": [queue.pop(0)]})] = actor
+                actor, task = idle.pop(), queue.pop(0)
+                running[actor.__call__.remote({"task": [task]})] = (actor, task)
             done, _ = ray.wait(list(running) + list(starting), num_returns=1)
             if done[0] in starting:
                 ray.get(done[0])  # a worker that cannot start (a missing model) fails here, as itself
                 idle.append(starting.pop(done[0]))
                 continue
-            idle.append(running.pop(done[0]))
-            for row in ray.get(done[0])["stats"]:
+            actor, task = running.pop(done[0])
+            try:
+                rows = ray.get(done[0])["stats"]
+            except ray.exceptions.RayActorError:
+                # Its actor died (a node lost, a spot instance taken back): the task goes to the next free
+                # actor, and the actor, restarted by Ray wherever it fits, rejoins once it is ready.
+                queue.insert(0, task)
+                starting[actor.ready.remote()] = actor
+                continue
+            idle.append(actor)
+            for row in rows:
                 yield json.loads(row)
     finally:
         for actor in actors:
