@@ -10,7 +10,8 @@ it) and is queried like the target (``eval/membership.py: query_logits``). Two k
   Teacher labels the Student's synthetic training images, a shadow Student learns them (soft labels);
   with hard labels no Teacher is involved and only the Student's training is repeated.
 
-Images are float tensors (N, C, H, W) in [-1, 1], labels int64 tensors; every function returns
+Training images are uint8 arrays (N, H, W[, C]), converted a batch at a time, or float tensors
+(N, C, H, W) in [-1, 1]; queries are float tensors; labels int64 tensors; every function returns
 float32 logits (len(x_query), A, C). ``stages/privacy.py`` loads the arrays and runs these as Ray
 tasks; tests: ``tests/test_shadow_training.py``.
 """
@@ -36,6 +37,17 @@ def shadow_recipe(teacher: ClassifierConfig, target: ClassifierConfig | None = N
     return teacher.model_copy(update={k: getattr(target, k) for k in ARCH_FIELDS})
 
 
+def _layout(x):
+    """(per-batch transform, channels) of training images: uint8 (N, H, W[, C]) arrays become the models' float
+    a batch at a time (``to_unit_tensor``: the same values, a quarter of the memory); float tensors are used as
+    they are."""
+    if isinstance(x, np.ndarray) and x.dtype == np.uint8:
+        from synthset.data.splits import to_unit_tensor
+
+        return to_unit_tensor, 1 if x.ndim == 3 else x.shape[-1]
+    return None, x.shape[1]
+
+
 def fit_recipe(recipe: ClassifierConfig, num_classes: int, x, y, seed: int, name: str, soft=None,
                temperature: float = 1.0, device: str = "cpu"):
     """Build ``recipe``'s architecture with ``seed`` and train it on (x, y) with the recipe's epochs, lr,
@@ -45,9 +57,11 @@ def fit_recipe(recipe: ClassifierConfig, num_classes: int, x, y, seed: int, name
     from synthset.models.training import array_batches, fit_classifier
 
     recipe = recipe.model_copy(update={"seed": seed})
-    model = build_classifier(recipe, num_classes, in_channels=x.shape[1]).to(device)
+    transform, channels = _layout(x)
+    model = build_classifier(recipe, num_classes, in_channels=channels).to(device)
     steps = math.ceil(len(x) / recipe.batch_size)
-    fit_classifier(model, lambda epoch: array_batches(x, y, recipe.batch_size, seed, epoch, soft), recipe.epochs,
+    fit_classifier(model, lambda epoch: array_batches(x, y, recipe.batch_size, seed, epoch, soft, transform),
+                   recipe.epochs,
                    steps, recipe.lr, recipe.weight_decay, soft=soft is not None, temperature=temperature,
                    augment=recipe.augment, seed=seed, name=name)
     return model
@@ -89,7 +103,13 @@ def pipeline_shadow_logits(teacher: ClassifierConfig, student: ClassifierConfig,
     soft = None
     if labels == "soft":
         shadow_teacher = fit_recipe(teacher, num_classes, x_train, y_train, seed, f"{name}-teacher", device=device)
-        soft = torch.from_numpy(predict_proba(shadow_teacher, x_synthetic, label_batch_size))
+        transform, _ = _layout(x_synthetic)
+        if transform is None:
+            soft = torch.from_numpy(predict_proba(shadow_teacher, x_synthetic, label_batch_size))
+        else:  # the same batches, converted one at a time
+            soft = torch.from_numpy(np.concatenate([
+                predict_proba(shadow_teacher, transform(x_synthetic[i:i + label_batch_size]), label_batch_size)
+                for i in range(0, len(x_synthetic), label_batch_size)]))
     elif labels != "hard":
         raise ValueError(f"labels: must be 'soft' or 'hard' (got {labels!r})")
     shadow_student = fit_recipe(student, num_classes, x_synthetic, y_synthetic, student_seed(seed),

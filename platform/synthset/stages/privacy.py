@@ -63,9 +63,10 @@ from synthset.stages.common import StageDir, output_root
 
 __all__ = ["run_privacy", "run_lira", "train_classifier_shadows", "shadow_dir", "privacy_dir"]
 
-# A shadow: (cfg, privacy, train_index, query_index, shadow_id, seed) → logits (N, A, C) of a model
-# trained on pool[train_index], queried on the augmented views of pool[query_index].
-ShadowTrainer = Callable[[Config, PrivacyConfig, np.ndarray, np.ndarray, int, int], np.ndarray]
+# A shadow: (cfg, privacy, train_index, query_index, shadow_id, seed, pool) → logits (N, A, C) of a model
+# trained on pool[train_index], queried on the augmented views of pool[query_index]; ``pool`` is
+# ``candidate_pool``'s tuple (None: the trainer reads it).
+ShadowTrainer = Callable[..., np.ndarray]
 
 
 def shadow_dir(cfg: Config, privacy: PrivacyConfig, mode: str = "classifier", extra=None) -> StageDir:
@@ -104,43 +105,46 @@ def _device(privacy: PrivacyConfig) -> str:
     return "cuda" if privacy.gpus_per_shadow > 0 and torch.cuda.is_available() else "cpu"
 
 
-def _pool_tensors(cfg: Config):
-    """The candidate pool as (images (P, C, S, S) in [-1, 1], labels (P,), number of classes)."""
+def _pool(cfg: Config, pool=None):
+    """(uint8 images (P, S, S[, C]), labels (P,), num_private, class names) of the candidate pool: ``pool`` as
+    given (a shadow task gets it once from Ray's object store, a zero-copy view), else read from the shards."""
+    return pool if pool is not None else candidate_pool(cfg)
+
+
+def train_shadow_classifier(cfg: Config, privacy: PrivacyConfig, train_index: np.ndarray,
+                            query_index: np.ndarray, shadow_id: int, seed: int, pool=None) -> np.ndarray:
+    """The ``classifier`` shadow (a ``ShadowTrainer``): ``cfg.teacher``'s recipe on pool[train_index].
+
+    Runs ``classifier_shadow_logits`` on the half as uint8 (float a batch at a time): float32 logits
+    (len(query_index), A, C) on the augmented views of pool[query_index].
+    """
     import torch
 
     from synthset.data.splits import to_unit_tensor
 
-    images, labels, _, names = candidate_pool(cfg)
-    return to_unit_tensor(images), torch.from_numpy(labels), len(names)
+    images, labels, _, names = _pool(cfg, pool)
+    return classifier_shadow_logits(cfg.teacher, len(names), images[train_index],
+                                    torch.from_numpy(labels[train_index]), to_unit_tensor(images[query_index]), seed,
+                                    privacy.query_shift, privacy.query_flip, f"shadow-{shadow_id:03d}",
+                                    _device(privacy))
 
 
-def train_shadow_classifier(cfg: Config, privacy: PrivacyConfig, train_index: np.ndarray,
-                            query_index: np.ndarray, shadow_id: int, seed: int) -> np.ndarray:
-    """The ``classifier`` shadow (a ``ShadowTrainer``): ``cfg.teacher``'s recipe on pool[train_index].
-
-    Loads the pool and runs ``classifier_shadow_logits``: float32 logits (len(query_index), A, C) on
-    the augmented views of pool[query_index].
-    """
-    x_all, y_all, num_classes = _pool_tensors(cfg)
-    return classifier_shadow_logits(cfg.teacher, num_classes, x_all[train_index], y_all[train_index],
-                                    x_all[query_index], seed, privacy.query_shift, privacy.query_flip,
-                                    f"shadow-{shadow_id:03d}", _device(privacy))
-
-
-def dataset_tensors(dataset: str, image_size: int, channels: int = 1):
-    """A labelled synthetic dataset in memory: (images (M, channels, S, S) in [-1, 1], classes (M,))."""
+def dataset_arrays(dataset: str, image_size: int, channels: int = 1):
+    """A labelled synthetic dataset in memory as uint8: (images (M, S, S[, C]) at ``image_size`` in ``channels``,
+    classes (M,)) — a byte a pixel; the shadow recipes convert a batch at a time."""
     import torch
 
-    from synthset.data.shards import ShardDataset
+    from synthset.data.shards import ShardDataset, fitted_image
 
-    items = list(ShardDataset(dataset, image_size=image_size, channels=channels))
+    items = [(fitted_image(s["image"], image_size, channels), s["cls"])
+             for s in ShardDataset(dataset).samples()]
     if not items:
         raise ValueError(f"{dataset}: no samples")
-    return torch.stack([i[0] for i in items]), torch.tensor([i[1] for i in items])
+    return np.stack([i[0] for i in items]), torch.tensor([i[1] for i in items])
 
 
 def train_shadow_pipeline(cfg: Config, privacy: PrivacyConfig, train_index: np.ndarray, query_index: np.ndarray,
-                          shadow_id: int, seed: int, *, dataset: str, labels: str) -> np.ndarray:
+                          shadow_id: int, seed: int, pool=None, *, dataset: str, labels: str) -> np.ndarray:
     """The ``pipeline`` shadow of a Student: the pipeline downstream of generation, repeated on a half.
 
     Loads the pool and the Student's synthetic training set ``dataset`` and runs
@@ -148,16 +152,22 @@ def train_shadow_pipeline(cfg: Config, privacy: PrivacyConfig, train_index: np.n
     ``labels`` ("soft" or "hard"). ``functools.partial(train_shadow_pipeline, dataset=..., labels=...)``
     is a ``ShadowTrainer``.
     """
-    x_all, y_all, num_classes = _pool_tensors(cfg)
-    xs, ys = dataset_tensors(dataset, cfg.data.image_size, x_all.shape[1])
-    return pipeline_shadow_logits(cfg.teacher, cfg.student, cfg.student.temperature, num_classes,
-                                  x_all[train_index], y_all[train_index], xs, ys, x_all[query_index], labels, seed,
-                                  privacy.query_shift, privacy.query_flip, cfg.label.batch_size,
-                                  f"shadow-{shadow_id:03d}", _device(privacy))
+    import torch
+
+    from synthset.data.splits import to_unit_tensor
+
+    images, pool_labels, _, names = _pool(cfg, pool)
+    channels = 1 if images.ndim == 3 else images.shape[-1]
+    xs, ys = dataset_arrays(dataset, cfg.data.image_size, channels)
+    return pipeline_shadow_logits(cfg.teacher, cfg.student, cfg.student.temperature, len(names),
+                                  images[train_index], torch.from_numpy(pool_labels[train_index]), xs, ys,
+                                  to_unit_tensor(images[query_index]), labels, seed, privacy.query_shift,
+                                  privacy.query_flip, cfg.label.batch_size, f"shadow-{shadow_id:03d}",
+                                  _device(privacy))
 
 
 def train_shadow_regenerate(cfg: Config, privacy: PrivacyConfig, train_index: np.ndarray, query_index: np.ndarray,
-                            shadow_id: int, seed: int, *, labels: str) -> np.ndarray:
+                            shadow_id: int, seed: int, pool=None, *, labels: str) -> np.ndarray:
     """The faithful ``pipeline`` shadow of a LoRA method's Student: re-adapt and re-generate on the half.
 
     ``regenerate_synthetic_set`` adapts ``synthesis.method``'s LoRAs on pool[train_index] and generates
@@ -172,15 +182,14 @@ def train_shadow_regenerate(cfg: Config, privacy: PrivacyConfig, train_index: np
     from synthset.eval.shadow_generation import regenerate_synthetic_set
     from synthset.stages.foundation import foundation_model_path
 
-    images, pool_labels, _, names = candidate_pool(cfg)
+    images, pool_labels, _, names = _pool(cfg, pool)
     device = _device(privacy)
     xs, ys = regenerate_synthetic_set(cfg, foundation_model_path(cfg), images[train_index], pool_labels[train_index],
                                       names, seed, cfg.synthesis.images_per_class, device)
-    x_all, y_all = to_unit_tensor(images), torch.from_numpy(pool_labels)
     return pipeline_shadow_logits(cfg.teacher, cfg.student, cfg.student.temperature, len(names),
-                                  x_all[train_index], y_all[train_index], xs, ys, x_all[query_index], labels, seed,
-                                  privacy.query_shift, privacy.query_flip, cfg.label.batch_size,
-                                  f"shadow-{shadow_id:03d}", device)
+                                  images[train_index], torch.from_numpy(pool_labels[train_index]), xs, ys,
+                                  to_unit_tensor(images[query_index]), labels, seed, privacy.query_shift,
+                                  privacy.query_flip, cfg.label.batch_size, f"shadow-{shadow_id:03d}", device)
 
 
 def check_regenerate_inputs(cfg: Config) -> None:
@@ -219,7 +228,7 @@ def _load_npy(uri: str) -> np.ndarray:
 
 
 def run_shadow(stage_uri: str, cfg_dict: dict, privacy_dict: dict, shadow_id: int,
-               train_shadow: ShadowTrainer = train_shadow_classifier) -> dict:
+               train_shadow: ShadowTrainer = train_shadow_classifier, pool=None) -> dict:
     """Train shadow ``shadow_id`` unless its files exist; write ``shadow-NNN.npy`` then ``.json`` (a Ray task's body).
 
     Reads ``candidates.json`` and ``keep.npy`` from the stage directory, so every shadow (on any
@@ -238,7 +247,7 @@ def run_shadow(stage_uri: str, cfg_dict: dict, privacy_dict: dict, shadow_id: in
     train_index = shadow_train_index(cand["num_private"], candidates, keep[shadow_id])
     seed = shadow_seed(privacy.seed, shadow_id)
     t0 = time.time()
-    logits = train_shadow(cfg, privacy, train_index, candidates, shadow_id, seed)
+    logits = train_shadow(cfg, privacy, train_index, candidates, shadow_id, seed, pool)
     if logits.ndim != 3 or logits.shape[0] != len(candidates):
         raise ValueError(f"train_shadow: returned shape {logits.shape}, expected ({len(candidates)}, A, C)")
     storage.write_bytes(name + ".npy", _npy_bytes(logits.astype(np.float32)))
@@ -305,6 +314,9 @@ def train_shadow_sets(sets: list[ShadowSet], privacy: PrivacyConfig) -> int:
     task = ray.remote(num_cpus=privacy.cpus_per_shadow, num_gpus=privacy.gpus_per_shadow, max_retries=1)(run_shadow)
     privacy_dict = privacy.model_dump(mode="json")
     pending, todo_total = [], 0
+    # The candidate pool (uint8 at data.image_size) goes into Ray's object store once; every shadow task of
+    # every set reads it there (zero-copy) instead of decoding the shards again. The sets share the data.
+    pool = ray.put(candidate_pool(sets[0].cfg)) if sets else None
     for s in sets:
         storage.makedirs(s.stage.uri)
         if not storage.exists(s.stage.path("config.yaml")):
@@ -315,7 +327,7 @@ def train_shadow_sets(sets: list[ShadowSet], privacy: PrivacyConfig) -> int:
         print(f"[privacy] {s.stage.uri}: {len(todo)} of {privacy.num_shadows} shadows to train")
         todo_total += len(todo)
         cfg_dict = s.cfg.to_dict()
-        pending += [task.remote(s.stage.uri, cfg_dict, privacy_dict, i, s.trainer) for i in todo]
+        pending += [task.remote(s.stage.uri, cfg_dict, privacy_dict, i, s.trainer, pool) for i in todo]
     done = 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
