@@ -58,7 +58,8 @@ from synthset.diffusion.edm import EDMDenoiser, loss_weight, sample_training_sig
 
 @dataclass
 class TrainingSet:
-    """What the generator trains on: ``images`` float (N, C, H, W) in [-1, 1]; ``class_labels`` long (N,);
+    """What the generator trains on: ``images`` float (N, C, H, W) in [-1, 1], or uint8 (N, C, H, W) pixels that
+    become those floats a batch at a time (a quarter of the memory in every worker); ``class_labels`` long (N,);
     ``source`` long (N,) or None (a network without a source label); ``embeddings`` float (N, D) or None
     (a network not conditioned on an embedding of the image)."""
 
@@ -274,7 +275,10 @@ def train_steps(state: TrainState, data: TrainingSet, settings: TrainSettings, s
         draws = step_draws(settings.seed, step, len(data.images), settings.batch_size, shape, settings.class_dropout,
                            draw_levels)
         idx = draws["index"][mine]
-        images = data.images[idx].to(device)
+        images = data.images[idx]
+        if images.dtype == torch.uint8:  # to_unit_tensor's arithmetic: the same floats as converting up front
+            images = images.float().div(127.5).sub(1.0)
+        images = images.to(device)
         cond = _cond(data, idx, draws["drop"][mine], null_class, device)
         for group in state.opt.param_groups:
             group["lr"] = lr_at(step, settings.lr, settings.warmup_steps, settings.decay_steps)

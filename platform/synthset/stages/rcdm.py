@@ -73,7 +73,6 @@ def run_rcdm_generator(cfg: Config, embed: dict, resume: bool = True, tracker=No
     import torch
     from safetensors.numpy import load_file
 
-    from synthset.data.splits import to_unit_tensor
     from synthset.diffusion.generator_training import TrainingSet
     from synthset.diffusion.rcdm import DDPM, build_denoiser, save_denoiser
     from synthset.eval.plots import save_curves
@@ -92,7 +91,8 @@ def run_rcdm_generator(cfg: Config, embed: dict, resume: bool = True, tracker=No
     positions = arrays["position"]
     if not np.array_equal(arrays["labels"], splits.private.labels[positions]):
         raise RuntimeError(f"{embed['embeddings']}: embeddings do not match the private split (rerun the embed stage)")
-    x = to_unit_tensor(splits.private.read(positions, cfg.data.image_size))
+    pixels = splits.private.read(positions, cfg.data.image_size)  # uint8 (N, H, W[, C]): converted per batch
+    x = torch.from_numpy(np.ascontiguousarray(pixels[:, None] if pixels.ndim == 3 else pixels.transpose(0, 3, 1, 2)))
     names = splits.class_names
     data = TrainingSet(x, torch.from_numpy(arrays["labels"].astype(np.int64)), None, len(names),
                        torch.from_numpy(arrays["embeddings"]).float())
