@@ -22,9 +22,9 @@ Listing comes before decoding: ``source.listing(part)`` gives every usable sampl
 small ``ref`` (a file path, a tar member's place, a row) without decoding any image, and
 ``source.read_ref(ref, size)`` decodes one. ``samples`` is exactly listing then reading, so the
 prepare stage (``data/prepare.py``) can draw the splits on the listing and decode in parallel
-tasks, each of which opens the source again (``open_source`` is cheap) and reads only its refs. Images that cannot be decoded raise a ``ValueError`` naming
-them, or with ``data.on_bad_image: skip`` are left out and listed in ``source.skipped[part]``
-(and ``ImageSet.skipped``).
+tasks, each of which opens the source again (``open_source`` is cheap) and reads only its refs.
+Images that cannot be decoded raise a ``ValueError`` naming them, or with ``data.on_bad_image:
+skip`` are left out and listed in ``source.skipped[part]`` (and ``ImageSet.skipped``).
 
 Fashion-MNIST is looked for in ``data.root``, then in the Debian package's directory
 (``apt-get install dataset-fashion-mnist``), then downloaded when ``data.download`` allows.
@@ -119,7 +119,8 @@ class Source:
     """The protocol every real-image source follows (see the module docstring).
 
     Subclasses set ``parts``, provide ``class_names`` and implement ``_listing(part)`` (keys,
-    labels and refs, no decoding; unusable samples reported through ``self._reject``) and
+    labels and refs, no decoding; unusable samples go through ``self._bad``, which raises or returns them
+    to be listed as skipped) and
     ``_decode(ref, size)`` (one image, ``BadImage`` when it cannot be used). ``samples`` and
     ``load`` follow from those two, so listing-then-reading gives exactly the streamed samples.
 
