@@ -45,7 +45,7 @@ from synthset import storage
 from synthset.config import DataConfig
 from synthset.data.images import BadImage, fit_images
 from synthset.data.shards import decode_image, encode_image, iter_shard, read_manifest, write_manifest, write_shard
-from synthset.data.sources import Listing, SkippedImage, Source, open_source
+from synthset.data.sources import ArraySource, Listing, SkippedImage, Source, open_source
 from synthset.data.splits import Splits, draw_splits, report_skipped, shift_images, split_record, test_rows
 
 SPLIT_NAMES = ("public", "private", "holdout", "test")
@@ -106,8 +106,7 @@ def _decodable(source: Source, part: str, listed: Listing, find_bad: FindBad | N
     if not bad:
         return listed
     skipped += [(i, SkippedImage(*bad[i])) for i in sorted(bad)]
-    keep = [i for i in range(len(listed)) if i not in bad]
-    return Listing([listed.keys[i] for i in keep], listed.labels[keep], [listed.refs[i] for i in keep])
+    return listed.take([i for i in range(len(listed)) if i not in bad])
 
 
 def plan_prepare(cfg: DataConfig, find_bad: FindBad | None = None, source: Source | None = None) -> PreparePlan:
@@ -133,8 +132,7 @@ def plan_prepare(cfg: DataConfig, find_bad: FindBad | None = None, source: Sourc
         test = parts["test"]
     else:
         in_test = test_rows(train.keys, cfg.test_fraction)
-        test, train = (Listing([train.keys[i] for i in np.flatnonzero(mask)], train.labels[mask],
-                               [train.refs[i] for i in np.flatnonzero(mask)]) for mask in (in_test, ~in_test))
+        test, train = train.take(in_test), train.take(~in_test)
     for part, listed in (("train", train), ("test", test)):
         if len(listed) == 0:
             why = skipped.get(part) or []
@@ -143,8 +141,10 @@ def plan_prepare(cfg: DataConfig, find_bad: FindBad | None = None, source: Sourc
     names = source.class_names
     _check_classes(names, train.labels, test.labels, "test" in parts)
     pub, priv, held = draw_splits(cfg, train.labels, names)
-    pick = lambda name, rows: SplitPlan(name, "train", [train.refs[i] for i in rows], [train.keys[i] for i in rows],
-                                        train.labels[rows], rows)
+    def pick(name, rows):
+        chosen = train.take(rows)
+        return SplitPlan(name, "train", chosen.refs, chosen.keys, chosen.labels, rows)
+
     splits = {"public": pick("public", pub), "private": pick("private", priv), "holdout": pick("holdout", held),
               "test": SplitPlan("test", "test" if "test" in parts else "train", test.refs, test.keys, test.labels,
                                 None)}
@@ -155,8 +155,6 @@ def plan_prepare(cfg: DataConfig, find_bad: FindBad | None = None, source: Sourc
         shape = [size, size] + ([3] if cfg.channels == 3 else [])
     all_skipped = [s for part in source.parts for s in skipped[part]]
     report_skipped(all_skipped)
-    from synthset.data.sources import ArraySource
-
     in_process = isinstance(source, ArraySource)
     return PreparePlan(names, splits, record, shape, size, all_skipped, in_process, source if in_process else None)
 

@@ -94,6 +94,11 @@ class Listing:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def take(self, rows) -> "Listing":
+        """The samples at ``rows`` (indices or a boolean mask), in that order; ``skipped`` is not carried."""
+        rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, np.int64)
+        return Listing([self.keys[i] for i in rows], self.labels[rows], [self.refs[i] for i in rows])
+
 
 @dataclass
 class ImageSet:
