@@ -10,6 +10,7 @@ import pytest
 
 from conftest import ROOT
 from test_prepare import make_rgb_folder
+from test_rcdm import assert_filter_kept_the_middle_band
 
 pytestmark = pytest.mark.slow
 
@@ -143,5 +144,6 @@ def test_rcdm_trains_on_an_rgb_image_folder_and_filters_by_embedding(tmp_path):
     assert len(samples) == 24 and all(s["image"].shape == (32, 32, 3) for s in samples)
     filtered = json.loads(next((root / "rcdm_filter").glob("*/data/manifest.json")).read_text())
     assert (filtered["filter"]["generated"], filtered["filter"]["kept"]) == (24, 12)
+    assert_filter_kept_the_middle_band(root, 0.25, 0.75, size=32, channels=3)  # ranks 2..5 of each class's 8
     summary = json.loads(next(root.glob("summary-*.json")).read_text())
     assert summary["method"] == "rcdm" and 0 <= summary["student_hard_accuracy"] <= 1
