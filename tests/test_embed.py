@@ -101,10 +101,9 @@ def test_the_embed_stage_writes_safetensors_with_a_public_cnn(tiny_config, one_t
     from synthset.config import load_config
     from synthset.stages.embed import run_embed
 
-    from conftest import ROOT, have_fashion_mnist
+    from conftest import ROOT, have_fashion_mnist, require
 
-    if not have_fashion_mnist():
-        pytest.skip("dataset-fashion-mnist not installed")
+    require(have_fashion_mnist(), "dataset-fashion-mnist not installed")
     root = tiny_config.output.root
     cfg = load_config(ROOT / "conf" / "tiny.yaml", [f"output.root={root}", "synthesis.method=rcdm",
                                                     "data.splits.public=300", "data.splits.private=200",

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from conftest import ROOT, have_fashion_mnist
+from conftest import ROOT
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not have_fashion_mnist(), reason="dataset-fashion-mnist not installed")]
+              pytest.mark.usefixtures("fashion_mnist")]
 
 
 def run_pipeline(root, *extra):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_close_scaled, have_fashion_mnist
+from conftest import ROOT, assert_close_scaled
 from synthset.diffusion.generator_training import (TrainingSet, TrainSettings, load_checkpoint, new_state,
                                                    save_checkpoint, step_draws, train_steps)
 from synthset.diffusion.rcdm import (DDPM, band_keep, build_denoiser, centroid_distances, class_centroids,
@@ -360,7 +360,7 @@ def assert_filter_kept_the_middle_band(root, low: float, high: float, size: int,
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not have_fashion_mnist(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.usefixtures("fashion_mnist")
 def test_pipeline_with_rcdm_writes_filtered_shards_and_counts(tmp_path):
     root = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(ROOT / "conf" / "tiny.yaml"),
