@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -76,6 +77,8 @@ def assert_adam_close(actual, expected, *, lr: float, steps: int, rtol: float = 
     by Cauchy-Schwarz over the moment averages). Hence: at most ``max_outliers`` of all elements
     outside the rounding tolerance and none beyond that bound. A real bug (another LoRA's samples, a
     loss weight or lr off by 1 %) moves most elements of the LoRA it touches and fails.
+    Not a uniform gradient scale, which Adam (and clipping to a norm) removes: compare the gradients
+    too (``lora_step_gradients``).
     """
     import torch
 
@@ -97,10 +100,80 @@ def assert_adam_close(actual, expected, *, lr: float, steps: int, rtol: float = 
     assert worst <= 2 * lr * steps, f"{label}: an element differs by {worst:.3g} > 2·lr·steps = {2 * lr * steps:.3g}"
 
 
+@contextlib.contextmanager
+def lora_step_gradients():
+    """Yields a list that receives, for every step of every ``train_lora_bank`` call in the block, the LoRA
+    gradients [A, B of each layer] as the step computed them: chunks accumulated and ranks all-reduced,
+    before per-LoRA clipping and AdamW.
+
+    ``assert_adam_close`` cannot see a gradient off by one uniform factor (a loss weight on the backward
+    pass only, an all-reduce that averages instead of summing): Adam's m̂/(√v̂ + ε) and clipping to a
+    norm both remove the scale (only ε = 1e-8 betrays it, on elements whose gradient is not far above
+    ε). Comparing these gradients does. Compare the first step's: every run starts from the same
+    parameters there.
+    """
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from synthset.lora import train
+
+    steps, clipped = [], []
+    real_clip = train.clip_grad_norm_per_lora_
+
+    def grads(params):
+        return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+
+    def clip_spy(layers, max_norm):
+        steps.append(grads([p for layer in layers for p in (layer.lora_A, layer.lora_B)]))
+        clipped.append(True)
+        return real_clip(layers, max_norm)
+
+    def before_step(optimizer, args, kwargs):
+        if not clipped:  # no clipping this step: AdamW receives the raw gradient
+            steps.append(grads([p for group in optimizer.param_groups for p in group["params"]]))
+        clipped.clear()
+
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(train, "clip_grad_norm_per_lora_", clip_spy)
+            yield steps
+    finally:
+        handle.remove()
+
+
 def have_fashion_mnist() -> bool:
     from synthset.data.sources import DEBIAN_DIR
 
     return Path(DEBIAN_DIR, "train-images-idx3-ubyte.gz").exists()
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip the calling test (or module) when an input it needs is missing — the Fashion-MNIST package,
+    the KubeRay CRDs, a dependency — but fail it under CI (the environment variable ``CI`` set, as
+    ``.ci/run`` does): there a missing input is a broken environment, and a skip would let the suite go
+    green without the tests that need it."""
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set: required inputs may not be skipped)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require_import(name: str):
+    """``pytest.importorskip`` through ``require``: the module, or a skip (a failure under CI)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        require(False, f"could not import {name!r}: {e}")
+
+
+@pytest.fixture
+def fashion_mnist():
+    """Use (``pytest.mark.usefixtures("fashion_mnist")``) in tests that read the real Fashion-MNIST."""
+    require(have_fashion_mnist(), "dataset-fashion-mnist not installed")
 
 
 def unet_inputs(unet, n: int, seed: int = 0):

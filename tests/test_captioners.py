@@ -66,10 +66,9 @@ def test_every_caption_word_is_one_foundation_token(tmp_path):
 
 @pytest.fixture(scope="module")
 def fashion_captions():
-    from conftest import have_fashion_mnist
+    from conftest import have_fashion_mnist, require
 
-    if not have_fashion_mnist():
-        pytest.skip("dataset-fashion-mnist not installed")
+    require(have_fashion_mnist(), "dataset-fashion-mnist not installed")
     from synthset.data.sources import load_fashion_mnist
 
     train, _ = load_fashion_mnist(None, False, "~/.cache/synthset/fashion-mnist")

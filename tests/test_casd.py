@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, have_fashion_mnist
+from conftest import ROOT
 from synthset.config import load_config, stage_hash
 from synthset.methods import get_method, method_stages
 
@@ -141,7 +141,7 @@ def test_generation_fixes_the_source_to_0_is_seeded_and_records_the_conditioning
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not have_fashion_mnist(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.usefixtures("fashion_mnist")
 def test_pipeline_with_casd_writes_shards_with_the_conditioning(tmp_path):
     """jobs/pipeline.py on conf/tiny.yaml with CASD: a ClassPrompt pool generated first, a few generator steps,
     then synthesis, labels and a Student; shards record source 0 per sample."""

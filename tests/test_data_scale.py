@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, require
 
 pytestmark = pytest.mark.slow
 
@@ -79,8 +79,8 @@ def _measure(tmp_path, images: int) -> dict:
     return measured
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
 def test_prepare_and_teacher_peaks_do_not_grow_with_the_folder(tmp_path):
+    require(os.path.exists("/proc/self/clear_refs"), "needs Linux's /proc/self/clear_refs")
     small, large = _measure(tmp_path, 2000), _measure(tmp_path, 6000)
     added = large["decoded_mb"] - small["decoded_mb"]  # 188 MiB
     for step in ("prepare_mb", "teacher_mb"):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_close_scaled
 from synthset.stages.embed import (PUBLIC_CNN, balanced_subset, check_encoder, embed_images, encoder_function,
                                    read_embeddings)
 
@@ -43,6 +44,36 @@ def test_a_tiny_transformers_encoder_loads_by_path_and_embeds(build, tmp_path, o
     # Different images, different embeddings; the same image, the same embedding (eval mode, no dropout).
     assert not np.allclose(emb[0], emb[1])
     np.testing.assert_allclose(embed_images(fn, gray[:1], 1)[0], emb[0], rtol=1e-4, atol=1e-5)
+    # The features are the model's own on [0, 1] RGB at its size with ImageNet normalisation
+    # (feature_extractor's contract), computed here from the model directly. The function resizes
+    # bilinearly; the RGB images at the model's size check the rest without depending on that choice.
+    rgb = torch.rand(3, 3, 16, 16) * 2 - 1
+    for images, expected in ((gray, _reference_features(path, gray)), (rgb, _reference_features(path, rgb))):
+        # The same float32 maths in other batches: rounding is relative to the magnitudes summed
+        # (assert_close_scaled's defaults); dropping the normalisation moves every feature by O(1).
+        assert_close_scaled(embed_images(fn, images, batch_size=2), expected)
+
+
+def _reference_features(path, images):
+    """feature_extractor's documented contract, from transformers directly: [-1, 1] → [0, 1], grayscale
+    repeated to RGB, resized to the model's ``image_size``, normalised with transformers' ImageNet mean
+    and std; then ``get_image_features``, else ``pooler_output``, else the CLS token."""
+    import torch.nn.functional as F
+    from transformers import AutoModel
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    model = AutoModel.from_pretrained(path).eval()
+    size = model.config.image_size
+    x = (images + 1) / 2
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x - torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        if hasattr(model, "get_image_features"):
+            return model.get_image_features(pixel_values=x).numpy()
+        out = model(pixel_values=x)
+        return (out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]).numpy()
 
 
 def test_a_missing_encoder_path_fails_naming_the_field(tmp_path):
@@ -70,10 +101,9 @@ def test_the_embed_stage_writes_safetensors_with_a_public_cnn(tiny_config, one_t
     from synthset.config import load_config
     from synthset.stages.embed import run_embed
 
-    from conftest import ROOT, have_fashion_mnist
+    from conftest import ROOT, have_fashion_mnist, require
 
-    if not have_fashion_mnist():
-        pytest.skip("dataset-fashion-mnist not installed")
+    require(have_fashion_mnist(), "dataset-fashion-mnist not installed")
     root = tiny_config.output.root
     cfg = load_config(ROOT / "conf" / "tiny.yaml", [f"output.root={root}", "synthesis.method=rcdm",
                                                     "data.splits.public=300", "data.splits.private=200",

@@ -7,6 +7,7 @@ for a generator's output, written with the real shard writer.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -143,11 +144,20 @@ def test_gate_flags_and_drop_removes_an_exact_copy_before_the_student(digits_cfg
         update={"enabled": False})}), data) == data
 
 
-def test_pipeline_shadow_function_on_tiny_data(digits_cfg):
+def test_pipeline_shadow_function_on_tiny_data(digits_cfg, monkeypatch):
+    from synthset.data.splits import to_unit_tensor
     from synthset.eval.membership import candidate_pool, draw_candidates, shadow_train_index
+    from synthset.stages import privacy as privacy_stage
     from synthset.stages.privacy import train_shadow_classifier, train_shadow_pipeline
 
     data, _, _ = _fake_pipeline(digits_cfg)
+    calls, real = [], privacy_stage.pipeline_shadow_logits
+
+    def spy(*args, **kwargs):  # records what the shadow's Teacher and Student actually receive
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(privacy_stage, "pipeline_shadow_logits", spy)
     images, labels, num_private, _ = candidate_pool(digits_cfg)
     assert num_private == 240 and len(images) == 300
     cand = draw_candidates(num_private, digits_cfg.privacy, len(images) - num_private)
@@ -161,6 +171,19 @@ def test_pipeline_shadow_function_on_tiny_data(digits_cfg):
     for labels_kind in ("soft", "hard"):
         logits = train_shadow_pipeline(digits_cfg, privacy, train, cand, 0, 5, dataset=data, labels=labels_kind)
         assert logits.shape == (40, 1, 10) and logits.dtype == np.float32 and np.isfinite(logits).all()
+    # The shadow trains on exactly its half of the pool (OUT candidates must not leak in, or LiRA's
+    # OUT distribution is an IN one) and is queried on exactly the candidates, in their order.
+    # pipeline_shadow_logits(teacher, student, T, C, x_half, y_half, x_synth, y_synth, x_query, labels, ...)
+    assert len(calls) == 2
+    for args, labels_kind in zip(calls, ("soft", "hard")):
+        assert args[3] == 10 and args[9] == labels_kind
+        exact = functools.partial(torch.testing.assert_close, rtol=0, atol=0)
+        exact(args[4], to_unit_tensor(images[train]), msg=lambda m: f"shadow half images: {m}")
+        exact(args[5], torch.from_numpy(labels[train]), msg=lambda m: f"shadow half labels: {m}")
+        exact(args[8], to_unit_tensor(images[cand]), msg=lambda m: f"queries: {m}")
+        # The synthetic set is _fake_pipeline's: 80 noisy images, then the exact copy of pool row 7.
+        assert args[6].shape == (81, 1, 8, 8) and args[7].shape == (81,)
+        assert torch.equal(args[6][-1], to_unit_tensor(images[7:8])[0]) and int(args[7][-1]) == labels[7]
     again = train_shadow_pipeline(digits_cfg, privacy, train, cand, 0, 5, dataset=data, labels="soft")
     np.testing.assert_allclose(again, train_shadow_pipeline(digits_cfg, privacy, train, cand, 0, 5, dataset=data,
                                                             labels="soft"), atol=1e-5)

@@ -198,8 +198,24 @@ def test_report_in_a_classifier_feature_space():
     bad = generative_report(real, noise, kid_subsets=10, kid_subset_size=200)
     assert good["fid"] < bad["fid"] and good["kid_mean"] < bad["kid_mean"]
     assert good["precision"] > bad["precision"] and good["recognizability"] == 1.0
-    pcf = per_class_fid(real, train.labels[:400], fake, test.labels[:300], 10)
+    real_labels, fake_labels = train.labels[:400], test.labels[:300]
+    pcf = per_class_fid(real, real_labels, fake, fake_labels, 10)
     assert set(pcf) == set(range(10)) and all(v >= 0 for v in pcf.values())
+    # Each class's value is the FID of that class's reals against that class's fakes (the same float64
+    # arithmetic on the same rows, hence rel=1e-9); another pairing differs by a factor 2–6 here.
+    for c in range(10):
+        assert pcf[c] == pytest.approx(fid(real[real_labels == c], fake[fake_labels == c]), rel=1e-9), c
+    # Independently of fid's own code: class c's fakes are its reals moved by δ_c = 0.05·c in all F = 32
+    # dims, in shuffled order. A pure shift keeps the covariance, so FID_c = F·δ_c² exactly (class 0: 0);
+    # the covariance terms cancel up to the rounding of eigenvalue square roots, ≲ √ε·tr Σ_c ≈ 1e-8·tr Σ_c.
+    shift = 0.05 * np.arange(10)
+    order = np.random.default_rng(0).permutation(len(real))
+    moved = (real.astype(np.float64) + shift[real_labels][:, None])[order]
+    shifted = per_class_fid(real, real_labels, moved, real_labels[order], 10)
+    assert set(shifted) == set(range(10))
+    for c in range(10):
+        trace = np.trace(np.cov(real[real_labels == c].astype(np.float64), rowvar=False))
+        assert shifted[c] == pytest.approx(32 * shift[c] ** 2, rel=1e-9, abs=1e-6 * trace), c
 
 
 def test_metrics_reject_bad_input():

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-datasets = pytest.importorskip("datasets")
+from conftest import require_import
+
+datasets = require_import("datasets")
 
 from synthset.config import load_config  # noqa: E402
 from synthset.data.hf_source import HFSource  # noqa: E402

@@ -1,9 +1,9 @@
 """Validate the KubeRay manifests in k8s/ against the KubeRay CRD schemas.
 
 The CRDs live outside the repo, in ``<repo>/../shared/kuberay-crds/`` (see its README); the
-schema tests skip when that directory is absent. Each CRD's ``v1`` ``openAPIV3Schema`` is
-turned into a JSON schema the ``jsonschema`` package can check, following what the
-Kubernetes API server does with a structural schema:
+schema tests skip when that directory is absent, and fail under CI (``conftest.require``). Each
+CRD's ``v1`` ``openAPIV3Schema`` is turned into a JSON schema the ``jsonschema`` package can check,
+following what the Kubernetes API server does with a structural schema:
 
 * ``x-kubernetes-int-or-string: true`` accepts an integer or a string (``cpu: 4``,
   ``cpu: "4"``, ``memory: 16Gi``); the KubeRay CRDs already spell this out with ``anyOf``,
@@ -30,6 +30,8 @@ from typing import Any, Iterator
 import pytest
 import yaml
 from jsonschema import Draft7Validator, FormatChecker, ValidationError, validators
+
+from conftest import require
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
@@ -116,8 +118,7 @@ def _crd_schema(filename: str, version: str = "v1") -> dict:
 
 
 def _require_crds() -> None:
-    if not CRD_DIR.is_dir():
-        pytest.skip(f"KubeRay CRD schemas not found: {CRD_DIR} is absent")
+    require(CRD_DIR.is_dir(), f"KubeRay CRD schemas not found: {CRD_DIR} is absent")
 
 
 @functools.lru_cache(maxsize=None)

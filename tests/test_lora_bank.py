@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_adam_close, assert_close_scaled, randomize_lora_b as _randomize_b, unet_inputs as _inputs
+from conftest import (assert_adam_close, assert_close_scaled, lora_step_gradients, randomize_lora_b as _randomize_b,
+                      unet_inputs as _inputs)
 from synthset.lora.bank import (LoraBankLinear, add_peft_adapter, bank_from_model, bank_layers, clear_routing,
                                 inject_lora_bank, load_bank, load_bank_into, merge_bank_files, merge_banks,
                                 remove_lora_bank, routing, save_bank, set_routing)
@@ -16,6 +17,12 @@ from synthset.lora.train import train_lora_bank
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+# A step's LoRA gradients computed in other batches, chunks or ranks: a forward and a backward pass of
+# float32 sums in another order, seen ≤ 4.3e-6 · max|g| apart here. Ten times the one-forward tolerance
+# leaves room for other CPUs' kernels; a gradient scale off by 1 % still moves the largest elements by
+# 1e-2 · max|g|, ten times this.
+GRADIENT_TOLERANCE = dict(rtol=1e-3, scale_atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +50,9 @@ def test_bank_training_equals_separate_training(base_unet, noise_scheduler):
 
     bank_unet = copy.deepcopy(base_unet)
     inject_lora_bank(bank_unet, k_loras, rank=2, seed=3)
-    losses = train_lora_bank(bank_unet, noise_scheduler, x, cond, owner, num_loras=k_loras, **kw)
+    with lora_step_gradients() as bank_grads:
+        losses = train_lora_bank(bank_unet, noise_scheduler, x, cond, owner, num_loras=k_loras, **kw)
+    assert len(bank_grads) == steps
     bank = bank_from_model(bank_unet)
     assert losses.shape == (steps, k_loras) and (losses > 0).all()
 
@@ -51,8 +60,9 @@ def test_bank_training_equals_separate_training(base_unet, noise_scheduler):
         solo_unet = copy.deepcopy(base_unet)
         inject_lora_bank(solo_unet, 1, rank=2, seed=3, first_id=k)
         mine = owner == k
-        solo_losses = train_lora_bank(solo_unet, noise_scheduler, x[mine], cond[mine], torch.zeros(int(mine.sum())),
-                                      num_loras=1, **kw)
+        with lora_step_gradients() as solo_grads:
+            solo_losses = train_lora_bank(solo_unet, noise_scheduler, x[mine], cond[mine],
+                                          torch.zeros(int(mine.sum())), num_loras=1, **kw)
         solo = bank_from_model(solo_unet)
         # Losses are means of positive squared errors (no cancellation): float32 rounding is ~1e-7 relative.
         assert_close_scaled(solo_losses[:, 0], losses[:, k])
@@ -64,17 +74,28 @@ def test_bank_training_equals_separate_training(base_unet, noise_scheduler):
         assert_adam_close([solo.layers[name][i][0] for name in bank.layers for i in (0, 1)],
                           [bank.layers[name][i][k] for name in bank.layers for i in (0, 1)],
                           lr=kw["lr"], steps=steps, label=f"LoRA {k}")
+        # Clipping to 1e-3 and Adam both hide a uniform gradient scale (a bank loss weighted 1/K on the
+        # backward pass only): the first step's unclipped gradients, from equal parameters, show it.
+        for i, (solo_g, bank_g) in enumerate(zip(solo_grads[0], bank_grads[0])):
+            assert_close_scaled(solo_g[0], bank_g[k], **GRADIENT_TOLERANCE,
+                                msg=lambda m: f"LoRA {k}, step-1 gradient {i}: {m}")
 
 
 def test_chunked_steps_equal_whole_steps(base_unet, noise_scheduler):
     x, _, cond = _inputs(base_unet, 4, seed=2)
-    results = []
+    results, first_grads = [], []
     for max_batch in (None, 3):
         unet = copy.deepcopy(base_unet)
         inject_lora_bank(unet, 4, rank=2)
-        train_lora_bank(unet, noise_scheduler, x, cond[:1], torch.arange(4), num_loras=4, steps=2, batch_per_lora=2,
-                        lr=1e-2, max_batch_size=max_batch, progress_every=1e9)
+        with lora_step_gradients() as grads:
+            train_lora_bank(unet, noise_scheduler, x, cond[:1], torch.arange(4), num_loras=4, steps=2,
+                            batch_per_lora=2, lr=1e-2, max_batch_size=max_batch, progress_every=1e9)
         results.append(bank_from_model(unet))
+        first_grads.append(grads[0])
+    # The accumulated gradient is the whole step's, not a multiple of it (Adam would hide a uniform
+    # factor per chunk): the first step's, from equal parameters, agree to float32 rounding.
+    for i, (w, c) in enumerate(zip(*first_grads)):
+        assert_close_scaled(c, w, **GRADIENT_TOLERANCE, msg=lambda m: f"step-1 gradient {i}: {m}")
     # Chunks accumulate gradients in another order; Adam may turn that into up-to-±lr steps on a
     # few elements (seen ≤ 6 of 15360, up to 2.6e-4 = 0.03·lr), the rest agree to rounding.
     whole, chunked = results
@@ -274,11 +295,13 @@ def _data_parallel_worker(rank, world, port, unet_dir, out_dir):
     scheduler = DDPMScheduler.from_pretrained(f"{unet_dir}/scheduler")
     x, _, cond = _inputs(unet, 6, seed=5)
     inject_lora_bank(unet, 1, rank=4, seed=3)
-    losses = train_lora_bank(unet, scheduler, x, cond, torch.zeros(6), num_loras=1, steps=3, batch_per_lora=4,
-                             lr=2e-2, seed=7, progress_every=1e9, data_parallel=(rank, world))
+    with lora_step_gradients() as grads:
+        losses = train_lora_bank(unet, scheduler, x, cond, torch.zeros(6), num_loras=1, steps=3, batch_per_lora=4,
+                                 lr=2e-2, seed=7, progress_every=1e9, data_parallel=(rank, world))
     if rank == 0:
         save_bank(f"{out_dir}/dp.safetensors", unet)
         np.save(f"{out_dir}/dp_losses.npy", losses)
+        torch.save(grads[0], f"{out_dir}/dp_grads.pt")
     dist.destroy_process_group()
 
 
@@ -296,9 +319,14 @@ def test_data_parallel_training_equals_one_process(base_unet, noise_scheduler, t
     unet = copy.deepcopy(base_unet)
     x, _, cond = _inputs(unet, 6, seed=5)
     inject_lora_bank(unet, 1, rank=4, seed=3)
-    losses = train_lora_bank(unet, noise_scheduler, x, cond, torch.zeros(6), num_loras=1, steps=3, batch_per_lora=4,
-                             lr=2e-2, seed=7, progress_every=1e9)
+    with lora_step_gradients() as grads:
+        losses = train_lora_bank(unet, noise_scheduler, x, cond, torch.zeros(6), num_loras=1, steps=3,
+                                 batch_per_lora=4, lr=2e-2, seed=7, progress_every=1e9)
     one, dp = bank_from_model(unet), load_bank(tmp_path / "dp.safetensors")
+    # The all-reduced gradient is the whole batch's (a sum, not the ranks' mean: Adam would hide the
+    # factor 2): the first step's, from equal parameters, agree to float32 rounding.
+    for i, (d, o) in enumerate(zip(torch.load(tmp_path / "dp_grads.pt"), grads[0])):
+        assert_close_scaled(d, o, **GRADIENT_TOLERANCE, msg=lambda m: f"step-1 gradient {i}: {m}")
     assert_close_scaled(np.load(tmp_path / "dp_losses.npy"), losses)  # positive means: ~1e-7 relative rounding
     # The all-reduce sums the ranks' gradients in another order: Adam outliers on a few elements (seen ≤ 2 of 7680).
     assert_adam_close([dp.layers[name][i] for name in one.layers for i in (0, 1)],

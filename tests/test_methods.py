@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, have_fashion_mnist
+from conftest import ROOT
 from synthset.methods import PlanContext, plan_loras, plan_requests
 from synthset.methods.loft import fusion_weights
 from synthset.stages.adapt import select_shots
@@ -97,7 +97,7 @@ def test_shots_are_k_per_class_seeded_and_loras_follow_the_method():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not have_fashion_mnist(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.usefixtures("fashion_mnist")
 def test_loft_job_adapts_generates_and_resumes_per_bank(tmp_path, tiny_pipeline_dir):
     cmd = [sys.executable, str(ROOT / "jobs" / "generate.py"), "--config", str(ROOT / "conf" / "tiny.yaml"),
            "--set", f"output.root={tmp_path}", "--set", f"foundation.path={tiny_pipeline_dir}",

@@ -74,6 +74,17 @@ def test_run_shadow_without_ray_writes_and_reuses(digits_config):
     logits = np.load(stage.path("shadows", "shadow-001.npy"))
     assert logits.shape == (60, 5, 10) and logits.dtype == np.float32
     assert info["train_images"] == 260 - 60 + 30 and info["accuracy_in"] >= info["accuracy_out"]
+    # The shadow overfits its half: that is LiRA's signal. Accuracy cannot show it strictly on digits (OUT
+    # candidates score 1.0 as often as IN ones, 12 of 40 shadows measured), the loss can: over privacy
+    # seeds 0–9 × shadows 0–3, the mean true-class cross-entropy of OUT candidates was 1.7–14.6 times
+    # that of IN ones (this shadow: 4.5). 1.25 leaves room for another machine's training trajectory;
+    # a shadow that trained on its OUT candidates too, or on the other half, has a ratio near or below 1.
+    cand = json.loads(open(stage.path("candidates.json")).read())
+    keep = np.load(stage.path("keep.npy"))[1]
+    true_class = torch.log_softmax(torch.from_numpy(logits[:, 0]).double(), -1)[np.arange(60), cand["labels"]]
+    loss_in, loss_out = -float(true_class[keep].mean()), -float(true_class[~keep].mean())
+    assert keep.sum() == 30
+    assert loss_out > 1.25 * loss_in, f"OUT/IN loss ratio {loss_out / loss_in:.2f} ({loss_out:.4f} / {loss_in:.4f})"
     assert run_shadow(stage.uri, digits_config.to_dict(), privacy.model_dump(), 1)["reused"]
     # A different config must not silently reuse the recorded candidates.
     with pytest.raises(ValueError, match="differ"):

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, have_fashion_mnist
+from conftest import ROOT
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not have_fashion_mnist(), reason="dataset-fashion-mnist not installed")]
+              pytest.mark.usefixtures("fashion_mnist")]
 
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_close_scaled, have_fashion_mnist
+from conftest import ROOT, assert_close_scaled
 from synthset.diffusion.generator_training import (TrainingSet, TrainSettings, load_checkpoint, new_state,
                                                    save_checkpoint, step_draws, train_steps)
 from synthset.diffusion.rcdm import (DDPM, band_keep, build_denoiser, centroid_distances, class_centroids,
@@ -319,8 +319,48 @@ TINY_RCDM = ["synthesis.method=rcdm", "data.splits.public=300", "data.splits.pri
              "evaluate.enabled=false", "replication.enabled=false", "student.labels=[hard]"]
 
 
+def assert_filter_kept_the_middle_band(root, low: float, high: float, size: int, channels: int) -> None:
+    """The rcdm_filter stage under ``root`` kept exactly the images of each class of n whose rank by distance
+    to the class centroid (ties by image index) lies in [low·n, high·n) (band_keep's contract; the tests
+    choose n with low·n and high·n whole), with every synthesis image's distance recomputed here: the embed
+    stage's encoder on the image, Euclidean (the default metric) to the mean of its class's real embeddings."""
+    from safetensors.numpy import load_file
+
+    from synthset.data.shards import image_to_tensor, iter_shard, read_manifest
+    from synthset.stages.embed import embed_images, encoder_function
+
+    synthesis = next((root / "synthesis").glob("*/data"))
+    generated = [s for e in read_manifest(str(synthesis))["shards"] for s in iter_shard(str(synthesis / e["shard"]))]
+    label = {int(s["key"]): int(s["cls"]) for s in generated}
+    # The distances the stage ranked (distance, class, image index per synthesis shard) ...
+    stage = next((root / "rcdm_filter").iterdir())
+    table = np.concatenate([np.load(f) for f in sorted((stage / "distances").glob("*.npy"))], axis=1)
+    stored = dict(zip(table[2].astype(int).tolist(), table[0].tolist()))
+    assert sorted(stored) == sorted(label) and all(label[int(i)] == int(c) for c, i in zip(table[1], table[2]))
+    # ... are each image's distance to its own class's centroid.
+    embed = json.loads(next((root / "embed").glob("*/_SUCCESS.json")).read_text())
+    real = load_file(embed["embeddings"])
+    centroid = {c: real["embeddings"][real["labels"] == c].astype(np.float64).mean(0) for c in set(label.values())}
+    x = torch.stack([image_to_tensor(s["image"], size, channels) for s in generated])
+    emb = embed_images(encoder_function(embed["encoder"]), x).astype(np.float64)
+    ref = np.array([np.linalg.norm(e - centroid[int(s["cls"])]) for s, e in zip(generated, emb)])
+    # float32 embeddings of the same images in other batches: rounding ~1e-6 of their magnitude.
+    scale = float(np.abs(emb).max())
+    np.testing.assert_allclose([stored[int(s["key"])] for s in generated], ref, rtol=1e-4, atol=1e-5 * scale)
+    # The middle band of each class by those distances, ties by index: the kept set, not just its size.
+    expected = set()
+    for c in set(label.values()):
+        ranked = sorted((stored[k], k) for k in label if label[k] == c)
+        n = len(ranked)
+        expected |= {k for _, k in ranked[int(low * n):int(high * n)]}
+    filtered = next(stage.glob("data"))
+    kept = [s for e in read_manifest(str(filtered))["shards"] for s in iter_shard(str(filtered / e["shard"]))]
+    assert sorted(int(s["key"]) for s in kept) == sorted(expected), "kept images (left) vs the middle band (right)"
+    assert all(s["meta"]["centroid_distance"] == stored[int(s["key"])] for s in kept)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not have_fashion_mnist(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.usefixtures("fashion_mnist")
 def test_pipeline_with_rcdm_writes_filtered_shards_and_counts(tmp_path):
     root = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(ROOT / "conf" / "tiny.yaml"),
@@ -343,6 +383,7 @@ def test_pipeline_with_rcdm_writes_filtered_shards_and_counts(tmp_path):
     meta = samples[0]["meta"]
     assert meta["conditioning"] == "time" and "embedding_index" in meta and "centroid_distance" in meta
     # The kept images are the middle of their class by distance, ties by index.
+    assert_filter_kept_the_middle_band(root, 0.25, 0.75, size=32, channels=1)
     labelled = json.loads(next((root / "label").glob("*/data/manifest.json")).read_text())
     assert labelled["num_samples"] == 40 and labelled["source"] == str(filtered_dir)
     summary = json.loads(next(root.glob("summary-*.json")).read_text())

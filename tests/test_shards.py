@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import require_import
 from synthset.data.shards import (ShardDataset, build_shard, completed_shards, decode_image, iter_shard,
                                   read_manifest, shard_paths, write_manifest, write_shard)
 
@@ -104,7 +105,7 @@ def test_shuffle_changes_order_but_not_content(tmp_path):
 
 
 def test_ray_read_webdataset(tmp_path):
-    ray = pytest.importorskip("ray")
+    ray = require_import("ray")
     from synthset.data.shards import read_ray_dataset
 
     write_dataset(tmp_path, n=12, shard_size=5)
@@ -130,7 +131,7 @@ def test_shard_pool_uses_no_deprecated_ray_arguments():
     """The synthesis/label actor pool passes nothing Ray deprecates (``ray_remote_args`` goes in Ray 2.64)."""
     import warnings
 
-    ray = pytest.importorskip("ray")
+    ray = require_import("ray")
     from synthset.stages.shard_pool import PoolResources, run_shard_pool
 
     here = os.path.dirname(os.path.abspath(__file__))  # the workers import _EchoShard from this file

@@ -7,7 +7,6 @@ import pytest
 from synthset.config import DATA_SOURCES, DataConfig, load_config
 from synthset.data.sources import SOURCES, load_digits_fixture, locate_fashion_mnist, open_source, read_idx
 from synthset.data.splits import load_source
-from conftest import have_fashion_mnist
 
 
 def write_idx(path, array, compress=True):
@@ -54,7 +53,7 @@ def test_digits_fixture():
     assert len(train) + len(test) == 1797 and len(train.class_names) == 10
 
 
-@pytest.mark.skipif(not have_fashion_mnist(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.usefixtures("fashion_mnist")
 def test_fashion_mnist_from_the_debian_package():
     from synthset.data.sources import load_fashion_mnist
 

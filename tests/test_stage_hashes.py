@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, have_fashion_mnist
+from conftest import ROOT
 from synthset.config import STAGE_INPUTS, load_config, stage_hash
 
 PINNED = json.loads((ROOT / "tests" / "data" / "stage_hashes.json").read_text())
@@ -46,7 +46,7 @@ def test_stage_hashes_are_unchanged(name):
     assert _hashes(load_config(ROOT / name)) == PINNED[name]
 
 
-@pytest.mark.skipif(not have_fashion_mnist(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.usefixtures("fashion_mnist")
 @pytest.mark.parametrize("name", sorted(SHARDS))
 def test_prepared_shards_are_byte_identical(name, tmp_path):
     from synthset.stages.prepare import prepare_dir, run_prepare

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, have_fashion_mnist
+from conftest import ROOT
 
 from synthset.sweep.spec import load_sweep, trial_configs
 
@@ -208,7 +208,7 @@ def _events(sweep_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not have_fashion_mnist(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.usefixtures("fashion_mnist")
 def test_tiny_sweep_shares_generation_and_resumes_after_the_driver_is_killed(tmp_path, tiny_pipeline_dir):
     root = tmp_path / "runs"
     cmd = [sys.executable, str(ROOT / "jobs" / "sweep.py"), "--config", str(TINY), "--set", f"output.root={root}",

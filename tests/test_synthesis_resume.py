@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from conftest import ROOT, have_fashion_mnist
+from conftest import ROOT, require_import
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not have_fashion_mnist(), reason="dataset-fashion-mnist not installed")]
+              pytest.mark.usefixtures("fashion_mnist")]
 
 
 PER_CLASS = 20            # 10 classes → 200 images
@@ -136,8 +136,8 @@ def test_actor_killed_mid_shard_is_replaced_and_its_shard_redone(tmp_path, tiny_
 @pytest.fixture
 def s3_server(monkeypatch):
     """An S3-compatible server (moto) on loopback, with a bucket; AWS_* env points at it."""
-    boto3 = pytest.importorskip("boto3")
-    server_mod = pytest.importorskip("moto.server")
+    boto3 = require_import("boto3")
+    server_mod = require_import("moto.server")
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
