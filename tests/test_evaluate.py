@@ -178,12 +178,14 @@ def test_pipeline_shadow_function_on_tiny_data(digits_cfg, monkeypatch):
     for args, labels_kind in zip(calls, ("soft", "hard")):
         assert args[3] == 10 and args[9] == labels_kind
         exact = functools.partial(torch.testing.assert_close, rtol=0, atol=0)
-        exact(args[4], to_unit_tensor(images[train]), msg=lambda m: f"shadow half images: {m}")
+        # Training images travel as uint8 (the recipes convert a batch at a time); queries as floats.
+        assert args[4].dtype == np.uint8, "the shadow half is held as uint8"
+        np.testing.assert_array_equal(args[4], images[train], err_msg="shadow half images")
         exact(args[5], torch.from_numpy(labels[train]), msg=lambda m: f"shadow half labels: {m}")
         exact(args[8], to_unit_tensor(images[cand]), msg=lambda m: f"queries: {m}")
         # The synthetic set is _fake_pipeline's: 80 noisy images, then the exact copy of pool row 7.
-        assert args[6].shape == (81, 1, 8, 8) and args[7].shape == (81,)
-        assert torch.equal(args[6][-1], to_unit_tensor(images[7:8])[0]) and int(args[7][-1]) == labels[7]
+        assert args[6].shape == (81, 8, 8) and args[6].dtype == np.uint8 and args[7].shape == (81,)
+        assert np.array_equal(args[6][-1], images[7]) and int(args[7][-1]) == labels[7]
     again = train_shadow_pipeline(digits_cfg, privacy, train, cand, 0, 5, dataset=data, labels="soft")
     np.testing.assert_allclose(again, train_shadow_pipeline(digits_cfg, privacy, train, cand, 0, 5, dataset=data,
                                                             labels="soft"), atol=1e-5)
