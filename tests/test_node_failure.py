@@ -17,6 +17,7 @@ import os
 import threading
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,20 +44,32 @@ def cluster():
     c.shutdown()
 
 
-def _replace_node_when(cluster, ready) -> threading.Thread:
-    """Once ``ready()``: a second node joins and the first is removed (killed), from a thread."""
-    def run():
-        deadline = time.time() + 300
-        while not ready() and time.time() < deadline:
-            time.sleep(0.05)
-        cluster.add_node(num_cpus=1)
-        cluster.remove_node(cluster.first)
-        cluster.replaced = True
+def _run_and_replace_node(cluster, run, ready):
+    """``run()`` on a thread; once ``ready()``, a second node joins and the first is removed (its raylet and
+    workers killed) — from this, the main thread, where Ray starts and stops nodes. Returns ``run()``'s result."""
+    out = {}
 
-    cluster.replaced = False
-    thread = threading.Thread(target=run, daemon=True)
+    def target():
+        try:
+            out["result"] = run()
+        except BaseException as err:  # re-raised below
+            out["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
     thread.start()
-    return thread
+    deadline = time.time() + 600
+    while not ready() and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    replaced = thread.is_alive()  # the stage was still running when its node went
+    if replaced:
+        new = cluster.add_node(num_cpus=1)
+        cluster.remove_node(cluster.first)
+        cluster.first = new
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    assert replaced, "the stage finished before its node could be removed"
+    return out["result"]
 
 
 def _shard_bytes(dataset) -> dict[str, str]:
@@ -75,36 +88,29 @@ def test_synthesis_and_labelling_finish_byte_identical_when_a_node_dies(cluster,
     torch.manual_seed(0)
     save_classifier(build_classifier(cfg.teacher, 10, in_channels=1), str(teacher), cfg.teacher, 10, 1, {})
 
-    shards_dir = lambda summary_dir: summary_dir / "_shards"
     from synthset.stages.synthesize import label_dir, synthesis_dir
 
-    data = __import__("pathlib").Path(synthesis_dir(cfg).path("data"))
-    killer = _replace_node_when(cluster, lambda: len(list(shards_dir(data).glob("*.json"))) >= 1)
-    synthesis = run_synthesis(cfg, str(tiny_pipeline_dir), names)
-    killer.join()
-    assert cluster.replaced and synthesis["num_samples"] == 160
-
-    labelled = __import__("pathlib").Path(label_dir(cfg).path("data"))
-    cluster.first = [n for n in cluster.worker_nodes][0]
-    killer = _replace_node_when(cluster, lambda: len(list(shards_dir(labelled).glob("*.json"))) >= 1)
-    label = run_label(cfg, synthesis["dataset"], str(teacher))
-    killer.join()
-    assert cluster.replaced and label["num_samples"] == 160
+    data = Path(synthesis_dir(cfg).path("data"))
+    synthesis = _run_and_replace_node(cluster, lambda: run_synthesis(cfg, str(tiny_pipeline_dir), names),
+                                      lambda: len(list((data / "_shards").glob("*.json"))) >= 1)
+    assert synthesis["num_samples"] == 160
+    labelled = Path(label_dir(cfg).path("data"))
+    label = _run_and_replace_node(cluster, lambda: run_label(cfg, synthesis["dataset"], str(teacher)),
+                                  lambda: len(list((labelled / "_shards").glob("*.json"))) >= 1)
+    assert label["num_samples"] == 160
 
     ray.shutdown()  # the same stages without Ray (in this process): the reference bytes
     reference = load_config(ROOT / "conf" / "tiny.yaml", [*overrides, f"output.root={tmp_path / 'alone'}"])
     alone = run_synthesis(reference, str(tiny_pipeline_dir), names)
     alone_label = run_label(reference, alone["dataset"], str(teacher))
     for ours, theirs in ((synthesis, alone), (label, alone_label)):
-        got, want = _shard_bytes(__import__("pathlib").Path(ours["dataset"])), \
-            _shard_bytes(__import__("pathlib").Path(theirs["dataset"]))
+        got, want = _shard_bytes(Path(ours["dataset"])), _shard_bytes(Path(theirs["dataset"]))
         assert len(got) == 8 and got == want
 
 
 def test_a_ray_train_stage_resumes_from_its_checkpoint_on_another_node(cluster, tmp_path, monkeypatch):
     from safetensors.numpy import save_file
 
-    from synthset.diffusion.generator_training import TrainingSet
     from synthset.stages import prepare
     from synthset.stages.rcdm import generator_dir, run_rcdm_generator
 
@@ -124,8 +130,7 @@ def test_a_ray_train_stage_resumes_from_its_checkpoint_on_another_node(cluster, 
     save_file({"embeddings": embeddings, "labels": labels, "position": np.arange(12)}, path)
     stage_ray = generator_dir(cfg).path("ray")
     checkpointed = lambda: any(f == "state.json" for _, _, files in os.walk(stage_ray) for f in files)
-    killer = _replace_node_when(cluster, checkpointed)
-    summary = run_rcdm_generator(cfg, {"embeddings": path, "encoder": "public_cnn"})
-    killer.join()
-    assert cluster.replaced and summary["steps"] == 30
+    summary = _run_and_replace_node(cluster, lambda: run_rcdm_generator(cfg, {"embeddings": path,
+                                                                              "encoder": "public_cnn"}), checkpointed)
+    assert summary["steps"] == 30
     assert summary["resumed_from"] > 0  # the new worker group started from a checkpoint, not from step 0

@@ -190,6 +190,7 @@ def _actor_pool(tasks: list[dict], worker: type, worker_kwargs: dict, resources:
     actors = [actor_cls.remote(worker, worker_kwargs) for _ in range(max(resources.min, resources.max))]
     starting = {actor.ready.remote(): actor for actor in actors}
     queue, running, idle = [json.dumps(t) for t in tasks], {}, []
+    lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)  # a node gone, an actor restarting
     try:
         while queue or running:
             while queue and idle:
@@ -197,13 +198,19 @@ def _actor_pool(tasks: list[dict], worker: type, worker_kwargs: dict, resources:
                 running[actor.__call__.remote({"task": [task]})] = (actor, task)
             done, _ = ray.wait(list(running) + list(starting), num_returns=1)
             if done[0] in starting:
-                ray.get(done[0])  # a worker that cannot start (a missing model) fails here, as itself
-                idle.append(starting.pop(done[0]))
+                actor = starting.pop(done[0])
+                try:
+                    ray.get(done[0])  # a worker that cannot start (a missing model) fails here, as itself
+                except lost:  # still restarting on another node: ask again shortly
+                    time.sleep(0.5)
+                    starting[actor.ready.remote()] = actor
+                    continue
+                idle.append(actor)
                 continue
             actor, task = running.pop(done[0])
             try:
                 rows = ray.get(done[0])["stats"]
-            except ray.exceptions.RayActorError:
+            except lost:
                 # Its actor died (a node lost, a spot instance taken back): the task goes to the next free
                 # actor, and the actor, restarted by Ray wherever it fits, rejoins once it is ready.
                 queue.insert(0, task)
