@@ -47,6 +47,8 @@ def validate_inputs(cfg: Config, prepare: bool = True) -> list[str]:
         raise ValueError("data.splits.public: 0 public images, but foundation.path is not set (nothing to pretrain on)")
     generation_stages(cfg)  # the method's stages exist (a config error, before reading any data)
     if prepare_dir(cfg).is_complete():
+        if prepare:
+            run_prepare(cfg)  # says that the prepared data is reused
         splits = load_splits(cfg)
         _check_method(cfg, splits.private.labels, splits.class_names)
         return splits.class_names
