@@ -76,10 +76,12 @@ def test_pipeline_end_to_end_and_rerun_does_no_duplicate_work(tmp_path):
 
 def test_missing_dataset_fails_fast_naming_the_places(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config",
-                           str(ROOT / "conf" / "tiny.yaml"), "--set", f"output.root={tmp_path}",
+                           str(ROOT / "conf" / "tiny.yaml"), "--set", f"output.root={tmp_path / 'runs'}",
                            "--set", "data.download=false", "--set", f"data.root={tmp_path / 'none'}",
                            "--set", "data.source=fashion_mnist"],
                           capture_output=True, text=True, timeout=60,
+                          # HOME is tmp_path, so the run's root is a folder below it (a home directory itself is
+                          # refused as output.root)
                           env={**os.environ, "SYNTHSET_FMNIST_DEBIAN_DIR": str(tmp_path / "x"), "HOME": str(tmp_path)})
     assert proc.returncode == 2
     # Failed before any work: no stage began (a stage writes its config.yaml first).
