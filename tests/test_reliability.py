@@ -169,6 +169,19 @@ def test_one_writer_per_stage_and_a_dead_runs_lease_is_taken_over(tiny_config):
     assert storage.read_json(stage.path(LEASE))["owner"] == common._TOKEN
     stage.complete({})
     assert not storage.exists(stage.path(LEASE))
+    # A run of this host killed a moment ago (its heartbeat fresh, its process gone): taken over at once.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owner = f"{os.uname().nodename}:{dead.pid}:abcd"
+    storage.write_json(stage.path(LEASE), {"owner": owner, "heartbeat": time.time()})
+    stage.begin(tiny_config)
+    assert storage.read_json(stage.path(LEASE))["owner"] == common._TOKEN
+    stage.complete({})
+    # ...but not one whose process is alive (this one, under another token).
+    storage.write_json(stage.path(LEASE), {"owner": f"{os.uname().nodename}:{os.getpid()}:abcd",
+                                           "heartbeat": time.time()})
+    with pytest.raises(StageBusy):
+        stage.begin(tiny_config)
 
 
 def test_two_processes_cannot_both_write_a_stage(tmp_path):

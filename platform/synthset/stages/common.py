@@ -100,7 +100,8 @@ class StageDir:
 # ``begin`` takes ``_LEASE.json`` (owner: host, pid and a token of this process; heartbeat: when it last said
 # it is alive) and a thread of this process renews every lease it holds each LEASE_RENEW seconds; ``complete``
 # gives it back. A second run of the same stage finds a fresh lease of another owner and stops with a message
-# naming it; a lease whose heartbeat is older than LEASE_STALE (its run was killed) is taken over. On local
+# naming it; a lease whose heartbeat is older than LEASE_STALE (its run was killed), or whose owner was a process
+# of this host that is gone, is taken over. On local
 # disk the lease is created exclusively (O_EXCL), so two runs cannot both take it; an object store has no
 # exclusive create, so there a run writes its lease and reads it back after LEASE_SETTLE seconds, and the one
 # whose lease is still there goes on (the documented rule: one writer per stage prefix, checked at start).
@@ -128,6 +129,22 @@ def _read_lease(path: str) -> dict | None:
         return None
 
 
+def _owner_gone(owner: str) -> bool:
+    """Whether a lease's owner was a process of this host that no longer exists (a run killed a moment ago:
+    its rerun need not wait for the heartbeat to go stale)."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != os.uname().nodename or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 def take_lease(stage: StageDir) -> None:
     path = stage.path(LEASE)
     with _LOCK:
@@ -135,7 +152,8 @@ def take_lease(stage: StageDir) -> None:
             return  # this process holds it already (a stage begun again after a failure)
         _HELD.pop(path, None)
     held = _read_lease(path)
-    if held and held.get("owner") != _TOKEN and time.time() - held.get("heartbeat", 0) < LEASE_STALE:
+    if held and held.get("owner") != _TOKEN and time.time() - held.get("heartbeat", 0) < LEASE_STALE \
+            and not _owner_gone(held.get("owner", "")):
         raise StageBusy(f"[{stage.stage}] {stage.uri} is being written by another run ({held['owner']}, alive "
                         f"{time.time() - held['heartbeat']:.0f}s ago): wait for it to finish, or if that run is dead, "
                         f"delete {path} (a lease older than {LEASE_STALE:.0f}s is taken over by itself)")
