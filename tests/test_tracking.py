@@ -1,5 +1,7 @@
 """MLflow credentials come only from the environment (``tracking.py``, ``config.uri_credentials``)."""
 
+import os
+
 import pytest
 
 from conftest import ROOT
@@ -62,3 +64,18 @@ def test_the_uri_comes_from_the_environment_when_the_config_has_none(tmp_path, m
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     with pytest.raises(ValueError, match="MLFLOW_TRACKING_URI"):
         tracking_uri(remote)
+
+
+def test_a_second_config_in_the_same_process_gets_its_own_store(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; the next config must not inherit the first's store
+    (a sweep test's subprocess once tracked into an earlier test's database)."""
+    from synthset.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = load_config(TINY, [f"output.root={tmp_path / 'a'}"])
+    second = load_config(TINY, [f"output.root={tmp_path / 'b'}"])
+    assert Tracker(first).uri == f"sqlite:///{tmp_path / 'a'}/mlflow.db"
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'a'}/mlflow.db"  # MLflow's own export
+    assert Tracker(second).uri == f"sqlite:///{tmp_path / 'b'}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.mlflow.svc:5000")  # the user's: still wins
+    assert tracking_uri(second) == "http://mlflow.mlflow.svc:5000"

@@ -22,7 +22,7 @@ def tracking_uri(cfg: Config) -> str:
     if cfg.tracking.uri:
         return cfg.tracking.uri
     env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
+    if env and env not in _SET_HERE:
         problem = uri_credentials(env)
         if problem:
             raise ValueError(f"MLFLOW_TRACKING_URI: the URI holds {problem}; give credentials in "
@@ -33,6 +33,11 @@ def tracking_uri(cfg: Config) -> str:
         raise ValueError("tracking.uri: output.root is remote, so set an MLflow server URI (tracking.uri or the "
                          "MLFLOW_TRACKING_URI environment variable)")
     return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
+
+
+# ``mlflow.set_tracking_uri`` also exports the URI as MLFLOW_TRACKING_URI (for subprocesses); a later config in the
+# same process (a benchmark, a test) must still get its own store, not the one an earlier Tracker exported.
+_SET_HERE: set[str] = set()
 
 
 def artifact_location(cfg: Config) -> str:
@@ -65,6 +70,8 @@ class Tracker:
 
             if "://" not in output_root(cfg):
                 os.makedirs(output_root(cfg), exist_ok=True)  # the default SQLite store lives there
+            if os.environ.get("MLFLOW_TRACKING_URI") != self.uri:
+                _SET_HERE.add(self.uri)
             mlflow.set_tracking_uri(self.uri)
             if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
                 # Artifacts (grids, confusion matrices, reports) under output.root, not ./mlruns of wherever
