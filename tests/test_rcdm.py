@@ -436,16 +436,14 @@ def s3_server(monkeypatch):
     server.stop()
 
 
-def _rcdm_generation(root) -> dict:
-    """embed → rcdm_generator → synthesis → rcdm_filter under ``root`` through the pipeline's stage runners
+def _rcdm_generation(cfg) -> dict:
+    """embed → rcdm_generator → synthesis → rcdm_filter of ``cfg`` through the pipeline's stage runners
     (``pipeline.run_generation`` less the foundation model, which RCDM does not read); {stage: summary}."""
-    from synthset.config import load_config
     from synthset.methods import get_method
     from synthset.pipeline import run_method_stages
     from synthset.stages.prepare import load_splits
     from synthset.stages.synthesize import run_synthesis
 
-    cfg = load_config(ROOT / "conf" / "tiny.yaml", [f"output.root={root}", *TINY_RCDM])
     names = load_splits(cfg).class_names
     done = run_method_stages(cfg, None)
     method = get_method("rcdm")
@@ -461,24 +459,35 @@ def test_rcdm_stages_write_to_an_object_store_what_they_write_to_local_disk(tmp_
     stage's arrays and encoder, the denoiser's weights, the synthesis shards and the filter's kept images are the
     local run's, every stage is complete, and nothing is written outside output.root or left half-written."""
     import hashlib
+    import shutil
+    from pathlib import Path
 
     import ray
     from safetensors.numpy import load
 
+    from synthset.config import load_config
     from synthset.data.shards import iter_shard, read_manifest
-    from synthset.stages.embed import read_embeddings
+    from synthset.stages.embed import embed_dir, read_embeddings
+    from synthset.stages.rcdm import generator_dir
 
-    # Remote artifacts are read through storage.materialize's cache under ~: this test's own, not an earlier run's.
-    monkeypatch.setenv("MPLCONFIGDIR", os.environ.get("MPLCONFIGDIR", os.path.expanduser("~/.config/matplotlib")))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    configs = [load_config(ROOT / "conf" / "tiny.yaml", [f"output.root={root}", *TINY_RCDM])
+               for root in (tmp_path / "local", "s3://synthset/runs")]
+    # The synthesis actors and the filter read the remote model and encoder through storage.materialize's cache
+    # (~/.cache/synthset/artifacts/<sha256(uri)[:16]>): none from an earlier run of this test, none left behind.
+    cached = [Path("~/.cache/synthset/artifacts").expanduser() / hashlib.sha256(uri.encode()).hexdigest()[:16]
+              for uri in (generator_dir(configs[1]).path("model"), embed_dir(configs[1]).path("encoder"))]
     env = {"env_vars": {"PYTHONPATH": str(ROOT / "platform"), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     ray.shutdown()  # a Ray an earlier test of the session left running has not this test's environment
     ray.init(num_cpus=2, log_to_driver=False, runtime_env=env)
     try:
-        local = _rcdm_generation(tmp_path / "local")
-        remote = _rcdm_generation("s3://synthset/runs")
+        for path in cached:
+            shutil.rmtree(path, ignore_errors=True)
+        local, remote = map(_rcdm_generation, configs)
+        assert all((path / ".complete").is_file() for path in cached), "remote artifacts read without materialize"
     finally:
         ray.shutdown()
+        for path in cached:
+            shutil.rmtree(path, ignore_errors=True)
 
     def get(uri: str) -> bytes:
         assert uri.startswith("s3://synthset/runs/"), uri
