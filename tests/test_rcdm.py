@@ -1,6 +1,7 @@
 """RCDM (seed 002): conditioning, the DDPM loss and its training (deterministic, exact resume) without Ray,
 sampling determinism, the centroid-band filter, planning, the generator stage killed on Ray Train and resumed
-from its checkpoint, and a tiny end-to-end ``jobs/pipeline.py`` run whose manifest records the filter's counts."""
+from its checkpoint, a tiny end-to-end ``jobs/pipeline.py`` run whose manifest records the filter's counts, and
+RCDM's stages writing to an object store (moto) what they write to local disk."""
 
 import json
 import os
@@ -413,3 +414,130 @@ def test_pipeline_with_rcdm_writes_filtered_shards_and_counts(tmp_path):
     assert not resumed.get("reused") and resumed["filter"] == f
     rewritten = json.loads((filtered_dir / "manifest.json").read_text())
     assert [e["sha256"] for e in rewritten["shards"]] == [e["sha256"] for e in filtered["shards"]]
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """An S3-compatible server (moto) on loopback, with a bucket; AWS_* env points at it (as in
+    test_synthesis_resume.py)."""
+    from conftest import require_import
+
+    boto3 = require_import("boto3")
+    server_mod = require_import("moto.server")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="synthset")
+    yield boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    server.stop()
+
+
+def _rcdm_generation(cfg) -> dict:
+    """embed → rcdm_generator → synthesis → rcdm_filter of ``cfg`` through the pipeline's stage runners
+    (``pipeline.run_generation`` less the foundation model, which RCDM does not read); {stage: summary}."""
+    from synthset.methods import get_method
+    from synthset.pipeline import run_method_stages
+    from synthset.stages.prepare import load_splits
+    from synthset.stages.synthesize import run_synthesis
+
+    names = load_splits(cfg).class_names
+    done = run_method_stages(cfg, None)
+    method = get_method("rcdm")
+    synthesis = run_synthesis(cfg, done["generator"]["model"], names, context=method.plan_context(cfg, names, done))
+    filtered = method.after_synthesis(cfg, synthesis, done, True, None)
+    return {**done, "synthesis": synthesis, "filtered": filtered}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fashion_mnist")
+def test_rcdm_stages_write_to_an_object_store_what_they_write_to_local_disk(tmp_path, s3_server, monkeypatch):
+    """The same tiny RCDM config with a local and an ``s3://`` output.root (moto on loopback): the remote embed
+    stage's arrays and encoder, the denoiser's weights, the synthesis shards and the filter's kept images are the
+    local run's, every stage is complete, and nothing is written outside output.root or left half-written."""
+    import hashlib
+    import shutil
+    from pathlib import Path
+
+    import ray
+    from safetensors.numpy import load
+
+    from synthset.config import load_config
+    from synthset.data.shards import iter_shard, read_manifest
+    from synthset.stages.embed import embed_dir, read_embeddings
+    from synthset.stages.rcdm import generator_dir
+
+    configs = [load_config(ROOT / "conf" / "tiny.yaml", [f"output.root={root}", *TINY_RCDM])
+               for root in (tmp_path / "local", "s3://synthset/runs")]
+    # The synthesis actors and the filter read the remote model and encoder through storage.materialize's cache
+    # (~/.cache/synthset/artifacts/<sha256(uri)[:16]>): none from an earlier run of this test, none left behind.
+    cached = [Path("~/.cache/synthset/artifacts").expanduser() / hashlib.sha256(uri.encode()).hexdigest()[:16]
+              for uri in (generator_dir(configs[1]).path("model"), embed_dir(configs[1]).path("encoder"))]
+    env = {"env_vars": {"PYTHONPATH": str(ROOT / "platform"), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    ray.shutdown()  # a Ray an earlier test of the session left running has not this test's environment
+    ray.init(num_cpus=2, log_to_driver=False, runtime_env=env)
+    try:
+        for path in cached:
+            shutil.rmtree(path, ignore_errors=True)
+        local, remote = map(_rcdm_generation, configs)
+        assert all((path / ".complete").is_file() for path in cached), "remote artifacts read without materialize"
+    finally:
+        ray.shutdown()
+        for path in cached:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def get(uri: str) -> bytes:
+        assert uri.startswith("s3://synthset/runs/"), uri
+        return s3_server.get_object(Bucket="synthset", Key=uri[len("s3://synthset/"):])["Body"].read()
+
+    def file(path) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    # embed: the same arrays, and the public CNN encoder it trained, in the store.
+    assert remote["embed"]["embeddings"].startswith("s3://") and remote["embed"]["encoder"].startswith("s3://")
+    here, there = read_embeddings(local["embed"]["embeddings"]), load(get(remote["embed"]["embeddings"]))
+    assert sorted(here) == sorted(there) == ["embeddings", "index", "labels", "position"]
+    assert all(np.array_equal(here[k], there[k]) for k in here)
+    assert get(remote["embed"]["encoder"] + "/model.safetensors") == file(
+        os.path.join(local["embed"]["encoder"], "model.safetensors"))
+    # rcdm_generator: the same EMA weights; its rcdm.json names the remote embeddings.
+    model = remote["generator"]["model"]
+    assert get(model + "/model.safetensors") == file(os.path.join(local["generator"]["model"], "model.safetensors"))
+    assert json.loads(get(model + "/rcdm.json"))["embeddings"] == remote["embed"]["embeddings"]
+
+    # synthesis and rcdm_filter: the same samples in the same shards (RCDM generation is deterministic): image
+    # bytes, class and JSON alike, but for the JSON's "generator", the model's path (so the shards' sha256 differ).
+    def samples(run: dict, dataset: str) -> list[list[tuple]]:
+        out = []
+        for entry in read_manifest(dataset)["shards"]:
+            if dataset.startswith("s3://"):  # the object is what the manifest says it is
+                assert hashlib.sha256(get(f"{dataset}/{entry['shard']}")).hexdigest() == entry["sha256"]
+            shard = []
+            for s in iter_shard(f"{dataset}/{entry['shard']}", decode=False):
+                assert s["meta"].pop("generator") == run["generator"]["model"]
+                shard.append((s["key"], s["cls"], hashlib.sha256(s["image"]).hexdigest(), s["meta"]))
+            out.append(shard)
+        return out
+
+    synthetic = samples(remote, remote["synthesis"]["dataset"])
+    assert remote["synthesis"]["dataset"].startswith("s3://synthset/runs/synthesis/")
+    assert sum(map(len, synthetic)) == 80 and synthetic == samples(local, local["synthesis"]["dataset"])
+    kept = samples(remote, remote["filtered"]["dataset"])
+    assert remote["filtered"]["dataset"].startswith("s3://synthset/runs/rcdm_filter/")
+    assert sum(map(len, kept)) == remote["filtered"]["filter"]["kept"] == 40
+    assert kept == samples(local, local["filtered"]["dataset"])  # the same keys kept, at the same distances
+    assert remote["filtered"]["filter"]["per_class"] == local["filtered"]["filter"]["per_class"]
+    # Every stage complete in the store; everything below output.root; no temporary names left.
+    pages = s3_server.get_paginator("list_objects_v2").paginate(Bucket="synthset")
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    assert all(k.startswith("runs/") for k in keys) and not [k for k in keys if ".tmp-" in k]
+    for stage in ("prepare", "embed", "rcdm_generator", "synthesis", "rcdm_filter"):
+        assert [k for k in keys if k.startswith(f"runs/{stage}/") and k.endswith("/_SUCCESS.json")], stage
+        assert [k for k in keys if k.startswith(f"runs/{stage}/") and k.endswith("/config.yaml")], stage
+    generator = model[len("s3://synthset/"):-len("/model")]  # Ray Train's checkpoints under the stage's ray/
+    assert {k.rsplit("/", 1)[1] for k in keys if k.startswith(f"{generator}/ray/")} >= {"ema.safetensors",
+                                                                                          "state.json"}

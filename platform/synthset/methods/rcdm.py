@@ -36,17 +36,21 @@ def plan_context(cfg, class_names: list[str], artifacts: dict):
 
 
 def load_generator(model_path: str, loras, synthesis, device: str, dtype):
-    """The trained denoiser and the real embeddings it is conditioned on, grouped by class."""
+    """The trained denoiser and the real embeddings it is conditioned on, grouped by class.
+
+    ``model_path``: the rcdm_generator stage's ``model/``, a local path or an object-store URI (read through
+    a cached local copy, ``storage.materialize``); its ``rcdm.json`` names the embeddings file, either too."""
     import numpy as np
     import torch
-    from safetensors.numpy import load_file
 
+    from synthset import storage
     from synthset.diffusion.rcdm import load_denoiser
+    from synthset.stages.embed import read_embeddings
 
-    model, meta = load_denoiser(model_path, device)
+    model, meta = load_denoiser(storage.materialize(model_path), device)
     if dtype is not None:
         model = model.to(dtype)
-    arrays = load_file(meta["embeddings"])
+    arrays = read_embeddings(meta["embeddings"])
     labels = arrays["labels"]
     rows = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
     return {"model": model, "device": device, "dtype": dtype,

@@ -17,6 +17,8 @@ RCDM's "private set", what its generator trains on and is conditioned on). Write
 ``<output.root>/embed/<hash>/embeddings.safetensors`` (``embeddings`` (N, D) float32, ``labels`` (N,)
 int64, ``position`` (N,) positions in the private split, ``index`` (N,) the source's indices) and, for ``public_cnn``, the
 encoder under ``encoder/`` (safetensors). Nothing is pickled. Skipped when complete for the same hash.
+With an object-store ``output.root`` both are written to a local temporary directory and uploaded before
+``_SUCCESS.json``; readers take them by URI (``read_embeddings``, ``encoder_function``).
 
 Run it alone: ``python jobs/pipeline.py --config conf/rcdm.yaml`` runs it before the generator.
 """
@@ -24,6 +26,8 @@ Run it alone: ``python jobs/pipeline.py --config conf/rcdm.yaml`` runs it before
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -56,11 +60,13 @@ def check_encoder(spec: str) -> None:
 def encoder_function(spec: str, device: str = "cpu") -> Callable:
     """images (B, C, H, W) in [-1, 1] → embeddings (B, D) for an encoder directory or spec.
 
-    ``spec``: a directory holding a platform classifier (``classifier.json``: its ``embed``), or a
-    transformers model by hub id / directory (DINOv2, CLIP vision: pooled or CLS output).
+    ``spec``: a directory holding a platform classifier (``classifier.json``: its ``embed``; an object-store
+    URI is read through a cached local copy, ``storage.materialize``), or a transformers model by hub id /
+    directory (DINOv2, CLIP vision: pooled or CLS output).
     """
     from synthset.stages.evaluate import feature_extractor
 
+    spec = storage.materialize(spec)  # a local path or hub id as it is
     if (Path(spec) / "classifier.json").is_file():
         from synthset.models.classifiers import load_classifier
 
@@ -130,16 +136,15 @@ def run_embed(cfg: Config, resume: bool = True, tracker=None) -> dict:
         return stage.reuse(stage.path(EMBEDDINGS))
     e = cfg.synthesis.rcdm.embed
     check_encoder(e.encoder)
-    if not storage.is_local(stage.uri):
-        raise ValueError("the embed stage writes to a local output.root (its encoder and embeddings are read "
-                         "back by path)")
     stage.begin(cfg)
     t0 = time.time()
+    remote = not storage.is_local(stage.uri)
+    local = tempfile.mkdtemp(prefix="embed-") if remote else storage.local_path(stage.uri)
     torch.set_num_threads(max(1, cfg.synthesis.rcdm.train.cpus_per_worker))
     splits = load_splits(cfg)
     encoder = e.encoder
     if encoder == PUBLIC_CNN:
-        encoder = train_public_encoder(cfg, splits, stage.path("encoder"))
+        encoder = train_public_encoder(cfg, splits, os.path.join(local, "encoder"))
     fn = encoder_function(encoder)
     positions = balanced_subset(splits.private.labels, e.real_images, len(splits.class_names), e.seed)
     with torch.no_grad():  # the private images a batch at a time, straight from the shards
@@ -149,18 +154,26 @@ def run_embed(cfg: Config, resume: bool = True, tracker=None) -> dict:
     out = stage.path(EMBEDDINGS)
     save_file({"embeddings": emb, "labels": splits.private.labels[positions].astype(np.int64),
                "position": positions.astype(np.int64),
-               "index": np.asarray(splits.private_index, dtype=np.int64)[positions]}, out)
+               "index": np.asarray(splits.private_index, dtype=np.int64)[positions]},
+              os.path.join(local, EMBEDDINGS))
+    if encoder != e.encoder:  # trained here: later stages read it from the stage directory
+        encoder = stage.path("encoder") if remote else os.path.abspath(encoder)
+    if remote:  # every file is in the store before _SUCCESS.json
+        storage.upload_dir(local, stage.uri)
+        shutil.rmtree(local, ignore_errors=True)
     seconds = time.time() - t0
     print(f"[embed] {len(emb)} private images → {emb.shape[1]}-d embeddings by {e.encoder} in {seconds:.0f}s → {out}")
-    summary = stage.complete({"embeddings": out, "encoder": os.path.abspath(encoder) if encoder != e.encoder
-                              else encoder, "dim": int(emb.shape[1]), "count": int(len(emb)), "seconds": seconds})
+    summary = stage.complete({"embeddings": out, "encoder": encoder, "dim": int(emb.shape[1]), "count": int(len(emb)),
+                              "seconds": seconds})
     if tracker is not None:
         tracker.log_stage("embed", cfg, metrics={"embed_dim": emb.shape[1], "embed_count": len(emb)})
     return summary
 
 
-def read_embeddings(path: str) -> dict[str, np.ndarray]:
-    """The arrays of an embed stage's ``embeddings.safetensors``."""
-    from safetensors.numpy import load_file
+def read_embeddings(uri: str) -> dict[str, np.ndarray]:
+    """The arrays of an embed stage's ``embeddings.safetensors`` (a local path or an object-store URI)."""
+    from safetensors.numpy import load, load_file
 
-    return load_file(path)
+    if storage.is_local(uri):
+        return load_file(storage.local_path(uri))
+    return load(storage.read_bytes(uri))

@@ -176,7 +176,9 @@ def training_set(cfg: Config, pool_dataset: str | None):
 
 
 def _ray_storage(stage: StageDir) -> str:
-    return stage.uri if "://" in stage.uri else os.path.join(stage.uri, "ray")
+    """Where Ray Train keeps the run: ``<stage>/ray``, on local disk and in an object store alike, so that
+    ``--no-resume``, which empties it, leaves the stage's config and lease alone."""
+    return stage.path("ray")
 
 
 def train_in_stage(stage: StageDir, net, data, settings, train, class_names: list[str], resume: bool,

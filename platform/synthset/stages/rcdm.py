@@ -8,7 +8,9 @@ safetensors checkpoints every ``checkpoint_every`` steps under ``<stage>/ray``, 
 part-way continues from its last checkpoint when rerun (``--no-resume`` starts over). Writes
 ``<output.root>/rcdm_generator/<hash>/``: ``model/`` (the EMA weights as ``model.safetensors``,
 ``rcdm.json`` naming the embeddings file), ``training_set.safetensors``, ``init.safetensors``,
-``loss.png``, ``grids/`` (with ``sample_every``) and ``_SUCCESS.json`` last.
+``loss.png``, ``grids/`` (with ``sample_every``) and ``_SUCCESS.json`` last. With an object-store
+``output.root`` the model and loss plot are written to a local temporary directory and uploaded before
+``_SUCCESS.json`` (Ray Train keeps its checkpoints in the store itself; no grids are drawn).
 
 ``run_rcdm_filter``: why the filter runs *after* synthesis, as its own stage. The seed ranks each
 class's generated images by the distance of their embedding to the class centroid and keeps the
@@ -32,6 +34,8 @@ The label stage then reads the filtered dataset. With the filter off, the stage 
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import time
 
 import numpy as np
@@ -71,23 +75,21 @@ def run_rcdm_generator(cfg: Config, embed: dict, resume: bool = True, tracker=No
     """Train (or reuse, or resume) the RCDM denoiser (or the class-conditioned baseline) on the private split;
     the stage summary. Needs Ray (``stages.common.init_ray``)."""
     import torch
-    from safetensors.numpy import load_file
 
     from synthset.diffusion.generator_training import TrainingSet
     from synthset.diffusion.rcdm import DDPM, build_denoiser, save_denoiser
     from synthset.eval.plots import save_curves
+    from synthset.stages.embed import read_embeddings
     from synthset.stages.generator import grid_files, train_in_stage
     from synthset.stages.prepare import load_splits
 
     stage = generator_dir(cfg)
     if resume and stage.is_complete():
         return stage.reuse(stage.path("model"))
-    if not storage.is_local(stage.uri):
-        raise ValueError("the rcdm_generator stage writes to a local output.root")
     stage.begin(cfg)
     tr = cfg.synthesis.rcdm.train
     splits = load_splits(cfg)
-    arrays = load_file(embed["embeddings"])
+    arrays = read_embeddings(embed["embeddings"])
     positions = arrays["position"]
     if not np.array_equal(arrays["labels"], splits.private.labels[positions]):
         raise RuntimeError(f"{embed['embeddings']}: embeddings do not match the private split (rerun the embed stage)")
@@ -103,12 +105,19 @@ def run_rcdm_generator(cfg: Config, embed: dict, resume: bool = True, tracker=No
           f"{tr.batch_size} on {len(x)} images, {tr.workers} worker(s) → {stage.uri}")
     final, state, metrics, local = train_in_stage(stage, model, data, train_settings(cfg), tr, names, resume, DDPM)
     out = stage.path("model")
-    save_denoiser(final, out, {"embeddings": embed["embeddings"], "encoder": embed["encoder"]})
-    save_curves({"rcdm": state["losses"]}, stage.path("loss.png"), "RCDM: DDPM loss")
+    save_denoiser(final, os.path.join(local, "model"), {"embeddings": embed["embeddings"], "encoder": embed["encoder"]})
+    save_curves({"rcdm": state["losses"]}, os.path.join(local, "loss.png"), "RCDM: DDPM loss")
+    remote = not storage.is_local(stage.uri)
+    if remote:  # train_in_stage wrote into a temporary directory: the model and plot go up before _SUCCESS.json
+        storage.upload_dir(os.path.join(local, "model"), out)
+        with open(os.path.join(local, "loss.png"), "rb") as f:
+            storage.write_bytes(stage.path("loss.png"), f.read())
     summary = stage.complete({"model": out, **metrics})
     if tracker is not None:
         tracker.log_stage("rcdm_generator", cfg, metrics=metrics, params=cfg.synthesis.rcdm.model_dump(mode="json"),
-                          artifacts=[stage.path("loss.png"), *grid_files(local)])
+                          artifacts=[os.path.join(local, "loss.png"), *grid_files(local)])
+    if remote:
+        shutil.rmtree(local, ignore_errors=True)
     print(f"[rcdm_generator] {metrics['steps']} steps ({metrics['steps_per_s']:.2f} steps/s, resumed from "
           f"{metrics['resumed_from']}), final loss {metrics['final_loss']:.4f} → {out}")
     return summary
@@ -141,11 +150,9 @@ def _save_npy(uri: str, arrays: np.ndarray) -> None:
 
 def run_rcdm_filter(cfg: Config, synthesis: dict, embed: dict, resume: bool = True, tracker=None) -> dict:
     """Keep each class's middle band of centroid distances (see the module docstring); the stage summary."""
-    from safetensors.numpy import load_file
-
     from synthset.data.shards import completed_shards, iter_shard, read_manifest, write_manifest, write_shard
     from synthset.diffusion.rcdm import band_keep, class_centroids
-    from synthset.stages.embed import encoder_function
+    from synthset.stages.embed import encoder_function, read_embeddings
 
     stage = filter_dir(cfg)
     if resume and stage.is_complete():
@@ -156,7 +163,7 @@ def run_rcdm_filter(cfg: Config, synthesis: dict, embed: dict, resume: bool = Tr
     names = src["class_names"]
     stage.begin(cfg)
     t0 = time.time()
-    real = load_file(embed["embeddings"])
+    real = read_embeddings(embed["embeddings"])
     centroids = class_centroids(real["embeddings"], real["labels"], len(names), flt.metric)
     fn = None
     channels = 3 if cfg.data.channels == 3 else 1
