@@ -676,6 +676,9 @@ class ReplicationConfig(Section):
                                   "image, re-ranked with the exact tiled distance.")
     index_grid: int = Field(16, ge=1, description="tiled_l2: the index compares images averaged to this many "
                             "blocks per side (the largest divisor of data.image_size up to it), per channel.")
+    index_distance: Literal["max", "rms"] = Field("max", description="tiled_l2: how the index ranks candidates "
+                                                  "on the block means: max, the largest difference (L∞, like the "
+                                                  "max over tiles); rms, their RMS difference (L2, faster).")
 
 
 class EvaluateConfig(Section):
@@ -807,7 +810,7 @@ DATA_FIELDS_SINCE_SOURCES = ("path", "test_path", "split", "test_split", "test_f
 
 
 REPLICATION_INDEX_FIELDS = ("index", "index_min_private", "index_nlist", "index_nprobe", "index_candidates",
-                            "index_grid")
+                            "index_grid", "index_distance")
 
 
 def pipeline_generation(cfg: Config) -> str:
@@ -844,7 +847,7 @@ def stage_hash(cfg: Config, stage: str, extra: Any = None) -> str:
     if cfg.replication.index == "exact":
         drop += [f"replication.{k}" for k in REPLICATION_INDEX_FIELDS]
     elif cfg.replication.metric == "cosine":
-        drop += ["replication.index_candidates", "replication.index_grid"]
+        drop += ["replication.index_candidates", "replication.index_grid", "replication.index_distance"]
     if stage == "student" and not (cfg.replication.enabled and cfg.replication.action == "drop"):
         drop.append("replication")  # flagging does not change what the Student trains on
     for dotted in drop:

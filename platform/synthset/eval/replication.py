@@ -122,8 +122,12 @@ class Chunks:
         return np.concatenate(out)
 
 
-# The (tiles × queries × references) float32 distance block of ``nearest_tiled_l2`` stays under this many bytes.
+# The (tiles × queries × references) float32 distance block of ``nearest_tiled_l2`` stays under this many bytes,
+# and so do the candidate images ``nearest_tiled_l2_among`` gathers at once; it takes their differences from the
+# queries PAIR_BYTES at a time (cache-sized: in numpy, 8 queries × 32 candidates at a time, 256 queries at 32 px RGB
+# took 30–100 ms; in torch, in one 100 MB block, 230–890 ms; 2-core machine under load, 1 or 2 threads).
 BLOCK_BYTES = 64 * 2 ** 20
+PAIR_BYTES = 4 * 2 ** 20
 
 
 def nearest_tiled_l2(queries: np.ndarray, reference, tile: int, reduce: Literal["max", "mean"] = "max",
@@ -189,7 +193,7 @@ def nearest_tiled_l2(queries: np.ndarray, reference, tile: int, reduce: Literal[
 
 
 def nearest_tiled_l2_among(queries: np.ndarray, reference: Chunks, candidates: np.ndarray, tile: int,
-                           reduce: Literal["max", "mean"] = "max", device: str = "cpu",
+                           reduce: Literal["max", "mean"] = "max",
                            to_unit: Callable = _unit) -> tuple[np.ndarray, np.ndarray]:
     """Nearest of each query's *candidate* reference images under the tiled RMS distance: how the gate re-ranks
     what its index proposes (``eval/replication_index.py``).
@@ -198,11 +202,11 @@ def nearest_tiled_l2_among(queries: np.ndarray, reference: Chunks, candidates: n
     chunks holding candidates are loaded and only the candidates' rows converted by ``to_unit`` (default: uint8
     stored images → [0, 1], float taken as is); ``candidates`` (M, K) reference rows, −1 for none, at least one
     per query. Returns (index (M,) int64, distance (M,) float32) as ``nearest_tiled_l2`` would over those rows;
-    ties go to the lowest row. Each pair is computed as ‖a_t − b_t‖ directly, not through |a|² + |b|² − 2a·b, so a
-    distance may differ from the exact search's in the last float32 digits.
+    ties go to the lowest row. Each pair is computed as ‖a_t − b_t‖ directly (not through |a|² + |b|² − 2a·b, so a
+    distance may differ from the exact search's in the last float32 digits), in numpy on one CPU thread, a few
+    MB of differences at a time: the work is memory-bound, K pairs per query instead of the reference set, and
+    torch's threads only contended for a busy CPU here (docs/benchmarks.md).
     """
-    import torch
-
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce: must be 'max' or 'mean' (got {reduce!r})")
     candidates = np.asarray(candidates, dtype=np.int64)
@@ -211,25 +215,29 @@ def nearest_tiled_l2_among(queries: np.ndarray, reference: Chunks, candidates: n
     if len(candidates) and (candidates.max(1) < 0).any():
         raise ValueError("candidates: every query needs at least one candidate row")
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    pair_bytes = 4 * int(np.prod(queries.shape[1:])) * max(1, candidates.shape[1])
-    out_i, out_d = np.zeros(len(queries), np.int64), np.zeros(len(queries), np.float32)
-    for q0, q1 in _blocks(len(queries), max(1, BLOCK_BYTES // pair_bytes)):
+    n, c, h, w = queries.shape
+    pair_bytes = 4 * c * h * w * max(1, candidates.shape[1])
+    out_i, out_d = np.zeros(n, np.int64), np.zeros(n, np.float32)
+    for q0, q1 in _blocks(n, max(1, BLOCK_BYTES // pair_bytes)):
         cand = np.sort(candidates[q0:q1], axis=1)  # −1 first, then ascending rows: ties go to the lowest row
         rows = np.unique(cand[cand >= 0])
-        images = to_unit(reference.take(rows))
-        if images.shape[1:] != queries.shape[1:]:
-            raise ValueError(f"queries: image shape {queries.shape[1:]} differs from the reference's "
-                             f"{images.shape[1:]}")
-        ref = torch.from_numpy(to_tiles(np.ascontiguousarray(images, dtype=np.float32), tile)).to(device)
-        q = torch.from_numpy(to_tiles(queries[q0:q1], tile)).to(device)
-        pos = torch.from_numpy(np.searchsorted(rows, np.maximum(cand, rows[0]))).to(device)
-        mse = (ref[pos] - q[:, None]).square_().mean(-1)  # (queries, K, tiles)
-        d = mse.amax(-1).sqrt_() if reduce == "max" else mse.sqrt_().mean(-1)
-        d[torch.from_numpy(cand < 0).to(device)] = float("inf")
-        m_d, m_i = d.min(1)
-        m_i = m_i.cpu().numpy()
-        out_i[q0:q1] = cand[np.arange(len(cand)), m_i]
-        out_d[q0:q1] = m_d.cpu().numpy()
+        stored = reference.take(rows)  # as stored (uint8 for the stage): converted below, a few pairs at a time
+        pos = np.searchsorted(rows, np.maximum(cand, rows[0]))
+        q = to_tiles(queries[q0:q1], tile)
+        d = np.empty(cand.shape, np.float32)
+        for s0, s1 in _blocks(len(cand), max(1, PAIR_BYTES // pair_bytes)):
+            b, k = s1 - s0, cand.shape[1]
+            images = to_unit(stored[pos[s0:s1]].reshape(b * k, *stored.shape[1:]))
+            if images.shape[1:] != queries.shape[1:]:
+                raise ValueError(f"queries: image shape {queries.shape[1:]} differs from the reference's "
+                                 f"{images.shape[1:]}")
+            diff = to_tiles(images, tile).reshape(b, k, -1, c * tile * tile) - q[s0:s1, None]
+            mse = np.einsum("bktd,bktd->bkt", diff, diff) / np.float32(c * tile * tile)  # (queries, K, tiles)
+            d[s0:s1] = np.sqrt(mse.max(-1)) if reduce == "max" else np.sqrt(mse).mean(-1)
+        d[cand < 0] = np.inf
+        best = d.argmin(1)  # the first minimum: the lowest row among equals
+        out_i[q0:q1] = cand[np.arange(len(cand)), best]
+        out_d[q0:q1] = d[np.arange(len(cand)), best]
     return out_i, out_d
 
 
@@ -464,7 +472,7 @@ class ReplicationGate:
                 idx, score = nearest_tiled_l2(x, self.real, self.tile, self.reduce, self.chunk, device=self.device)
             else:  # the index's candidates, re-ranked with the exact tiled distance
                 candidates = self.index.candidates(candidate_vectors(x, self.index.params.grid))
-                idx, score = nearest_tiled_l2_among(x, self.stored, candidates, self.tile, self.reduce, self.device,
+                idx, score = nearest_tiled_l2_among(x, self.stored, candidates, self.tile, self.reduce,
                                                     to_unit=_gate_unit)
             is_copy = score <= self.threshold
         else:

@@ -13,21 +13,30 @@ for large private sets ``PrivateIndex`` (``replication.index: faiss``) looks in 
 * **cosine**: the vectors are the L2-normalised features and the index ranks by inner product, so its
   nearest neighbour and score are the exact search's whenever the neighbour's cell is probed.
 * **tiled_l2**: the max over tiles is not a distance between two single vectors, so the index only proposes
-  candidates: the images area-averaged to ``grid`` × ``grid`` per channel (``candidate_vectors``; L2 there
-  is the RMS distance of the averaged images), whose ``k`` nearest the gate re-ranks with the exact tiled
-  distance (``replication.nearest_tiled_l2_among``). Averaging (Jensen) and taking the whole image
-  instead of the worst tile only lower a distance: a private image at tiled distance d (``reduce="max"``)
-  lies within d of the query among the candidate vectors. So a copy (d ≤ threshold) is missed only when
-  its cell is not probed, or when at least ``k`` other private images are closer to the query than it among
-  the candidate vectors — which averaging makes likelier than it sounds: the bound is loose (on the
-  procedural benchmark images the k-th candidate of a typical query lies *within* the threshold, so the
-  bound alone cannot rule a miss out; asking for every vector within the threshold returned hundreds of
-  candidates per query and was slower than the exact search). Planted copies were all found there. What
-  the index does miss is the nearest private image of a synthetic image that is *not* a copy, when that
-  image matches evenly on every tile while others match better on average but worse on one tile: recall@1
-  of such images is well below 1 (docs/benchmarks.md), which changes their score, not their verdict, as long
-  as their true distance is above the threshold. With ``reduce="mean"`` the averaged distance is no lower
-  bound, so even copies rely on ``k``.
+  candidates, which the gate re-ranks with the exact tiled distance (``replication.nearest_tiled_l2_among``):
+  the ``k`` private images nearest to the query by their images area-averaged to ``grid`` × ``grid`` blocks
+  per channel (``candidate_vectors``), ranked by ``distance``:
+
+  - ``"max"`` (default): the largest difference of any block mean (L∞, ``faiss.METRIC_Linf``), the max over
+    tiles on the block means. faiss scans it without SIMD, so a query cost 1.4–2.2 times ``"rms"`` on the
+    benchmark's 64 px images, where recall@1 was 0.82 against 0.61. When blocks lie within tiles, a
+    block's mean difference in one channel is at most √(C · pixels per tile / pixels per block) times its
+    tile's RMS distance (Jensen), so a copy at tiled distance d stays within a fixed multiple of d: a
+    loose bound.
+  - ``"rms"``: the RMS difference of the block means (L2). Averaging (Jensen) and taking the whole image
+    instead of the worst tile only lower a distance: a private image at tiled distance d (``reduce="max"``)
+    lies within d of the query. On 3,000 procedural 64 px images the 32nd candidate of 9 queries in 10 lay
+    *within* the threshold, so this bound could not rule a miss out either, and a range search for every
+    vector within the threshold returned a median of 345 candidates per query (it was left out).
+
+  The cells are k-means cells by L2 for both. What the index can miss: a private image in a cell that was
+  not probed (for ``"max"`` likelier than for ``"rms"``: the cells are L2 cells, the ranking is not), and
+  one that is not among the ``k`` best of the proxy distance although it is the nearest by the tiled one:
+  an image that matches evenly on every tile while others match better on the block means. Planted copies
+  (±6 grey levels) were all found in the tests and the benchmark; the nearest private image of a fresh
+  image was found for 0.81 of them (``"max"``), and of the fresh images whose exact distance fell under the threshold
+  (natural near-duplicates, 198 of 1,900) the index missed 21 with ``"max"`` and 42 with ``"rms"``
+  (docs/benchmarks.md). With ``reduce="mean"`` neither proxy relates to the re-ranked distance by a bound.
 
 faiss is imported only here and only when an index is built or loaded (``replication.index: faiss``). The
 driver builds the index once; ``to_array`` / ``from_array`` carry it to the gate's pool actors through
@@ -54,9 +63,9 @@ def import_faiss():
 @dataclass(frozen=True)
 class IndexParams:
     """The index's settings (``replication.index_*``): ``nlist`` cells (None: ``default_nlist``), ``nprobe``
-    cells searched per query, ``k`` candidates re-ranked per query and the averaging ``grid`` (tiled_l2),
-    ``min_private``: below this many private images the gate searches exactly, ``seed`` of the training sample
-    and of k-means."""
+    cells searched per query; for tiled_l2 ``k`` candidates re-ranked per query, the averaging ``grid`` and the
+    ``distance`` that ranks candidates ("max" or "rms", see the module docstring); ``min_private``: below this
+    many private images the gate searches exactly; ``seed`` of the training sample and of k-means."""
 
     nlist: int | None = None
     nprobe: int = 32
@@ -64,6 +73,7 @@ class IndexParams:
     grid: int = 16
     min_private: int = 10_000
     seed: int = 0
+    distance: str = "max"
 
 
 # faiss's k-means wants at least this many training vectors per centroid (it warns below) and samples at
@@ -134,8 +144,11 @@ class PrivateIndex:
         if metric == "cosine":
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
             index.cp.spherical = True  # centroids of unit vectors, renormalised (faiss's advice for cosine)
+        elif params.distance in ("max", "rms"):  # cells by L2 k-means either way; "max" scans them by L∞
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist,
+                                       faiss.METRIC_Linf if params.distance == "max" else faiss.METRIC_L2)
         else:
-            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist, faiss.METRIC_L2)
+            raise ValueError(f"distance: must be 'max' or 'rms' (got {params.distance!r})")
         index.cp.seed = params.seed
         index.cp.min_points_per_centroid = 1  # small sets (nlist = n // 39 or the config's) train without warnings
         index.train(train)
@@ -153,8 +166,8 @@ class PrivateIndex:
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores (M, k), rows (M, k)) of the ``k`` nearest private vectors in the probed cells, best first:
-        squared L2 for tiled_l2, inner product for cosine; row −1 where fewer were found. A query whose probed
-        cells held nothing at all is searched again in every cell."""
+        inner product for cosine; for tiled_l2 the L∞ or squared L2 distance; row −1 where fewer were found. A
+        query whose probed cells held nothing at all is searched again in every cell."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         k = min(k, len(self))
         scores, rows = self.index.search(vectors, k)

@@ -145,7 +145,7 @@ def _index_params(cfg: Config):
 
     rep = cfg.replication
     return IndexParams(rep.index_nlist, rep.index_nprobe, rep.index_candidates, rep.index_grid, rep.index_min_private,
-                       cfg.data.splits.seed)
+                       cfg.data.splits.seed, rep.index_distance)
 
 
 def _gate_feature_fn(cfg: Config, device: str = "cpu"):
