@@ -115,8 +115,8 @@ def unit_features(features) -> np.ndarray:
 
 class PrivateIndex:
     """An IVF-Flat index over the private set's vectors (see the module docstring): row i of the index is row i
-    of the private set. ``metric``: "cosine" (inner product of unit features) or "tiled_l2" (L2 of
-    ``candidate_vectors``)."""
+    of the private set. ``metric``: "cosine" (inner product of unit features) or "tiled_l2" (L∞ or L2 of
+    ``candidate_vectors``, by ``params.distance``)."""
 
     def __init__(self, index, metric: str, params: IndexParams):
         if metric not in ("tiled_l2", "cosine"):
