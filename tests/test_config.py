@@ -115,6 +115,32 @@ def test_source_fields_at_their_defaults_keep_the_stage_hashes():
         assert stage_hash(rgb, stage) != stage_hash(base, stage)
 
 
+def test_replication_index_fields_change_hashes_only_with_faiss():
+    """index: exact (the default) hashes as before the index existed, whatever the index_* fields say; index: faiss
+    moves the gate's hash and everything after it, and its settings count (tiled_l2's only for tiled_l2)."""
+    base = load_config(str(ROOT / "conf" / "quickstart.yaml"))
+    d = base.to_dict()
+    assert d["replication"]["index"] == "exact"
+    exact = load_config(str(ROOT / "conf" / "quickstart.yaml"), ["replication.index_nprobe=4",
+                                                                  "replication.index_candidates=8"])
+    faiss = load_config(str(ROOT / "conf" / "quickstart.yaml"), ["replication.index=faiss"])
+    faiss_k8 = load_config(str(ROOT / "conf" / "quickstart.yaml"), ["replication.index=faiss",
+                                                                     "replication.index_candidates=8"])
+    for stage in ("replication", "evaluate"):
+        assert stage_hash(exact, stage) == stage_hash(base, stage)
+        assert stage_hash(faiss, stage) != stage_hash(base, stage)
+        assert stage_hash(faiss_k8, stage) != stage_hash(faiss, stage)
+    assert stage_hash(faiss, "label") == stage_hash(base, "label")
+    assert stage_hash(faiss, "student", extra="soft") == stage_hash(base, "student", extra="soft")  # action: flag
+    cosine = ["replication.metric=cosine", "replication.index=faiss"]
+    assert (stage_hash(load_config(None, cosine), "replication")
+            == stage_hash(load_config(None, [*cosine, "replication.index_grid=4"]), "replication"))
+    with pytest.raises(ValueError, match="replication.index_nprobe"):
+        load_config(None, ["replication.index_nprobe=0"])
+    with pytest.raises(ValueError, match="replication.index"):
+        load_config(None, ["replication.index=hnsw"])
+
+
 def test_privacy_config_reuses_the_quickstart_foundation():
     """conf/privacy.yaml loads the quickstart's pretrained model by path: the path must follow its recipe."""
     quickstart = load_config(ROOT / "conf" / "quickstart.yaml")

@@ -144,6 +144,29 @@ def test_gate_flags_and_drop_removes_an_exact_copy_before_the_student(digits_cfg
         update={"enabled": False})}), data) == data
 
 
+
+def test_gate_with_a_faiss_index_gives_the_exact_verdicts_and_records_the_index(digits_cfg):
+    """replication.index: faiss through the stage: the driver builds the index, the shard workers load it
+    from the chunk store (files here, Ray's object store in a cluster) and re-rank its candidates."""
+    pytest.importorskip("faiss")
+    from synthset.stages.evaluate import run_replication
+
+    data, real_index, copy_key = _fake_pipeline(digits_cfg)
+    exact = run_replication(digits_cfg, data)
+    cfg = digits_cfg.model_copy(deep=True)
+    cfg.replication.index, cfg.replication.index_min_private = "faiss", 2
+    indexed = run_replication(cfg, data)
+    assert indexed["audit"] != exact["audit"]  # its own stage directory
+    assert indexed["threshold"] == exact["threshold"] and "index" not in exact
+    assert indexed["index"]["nlist"] == 6 and indexed["index"]["vectors"] == 240  # default_nlist(240) = 240 // 39
+    rows = lambda summary: {line.split(",")[0]: line.split(",") for line in open(summary["audit"]).read().splitlines()}
+    exact_rows, indexed_rows = rows(exact), rows(indexed)
+    assert int(indexed_rows[copy_key][1]) == real_index and indexed_rows[copy_key][4] == "True"
+    # 81 images, 240 private, all 6 cells probed, 32 candidates re-ranked: measured 81 of 81 nearest images and
+    # verdicts as the exact search's (the bound leaves 4 for float ties at the 32nd candidate on another CPU).
+    assert {k: r[4] for k, r in indexed_rows.items()} == {k: r[4] for k, r in exact_rows.items()}
+    assert np.mean([indexed_rows[k][1] == exact_rows[k][1] for k in exact_rows if k != "key"]) >= 0.95
+
 def test_pipeline_shadow_function_on_tiny_data(digits_cfg, monkeypatch):
     from synthset.data.splits import to_unit_tensor
     from synthset.eval.membership import candidate_pool, draw_candidates, shadow_train_index

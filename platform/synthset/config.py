@@ -661,6 +661,24 @@ class ReplicationConfig(Section):
     device: Literal["cpu", "cuda"] = "cpu"
     actors: ActorsConfig = Field(default_factory=lambda: ActorsConfig(), description="The gate's shard-pool actors "
                                  "(one synthetic shard per task; give them num_gpus with device: cuda).")
+    # The nearest-neighbour index (eval/replication_index.py). With index: exact the index_* fields are
+    # left out of the stage hashes (they change nothing).
+    index: Literal["exact", "faiss"] = Field("exact", description="exact: compare every synthetic image with "
+                                             "every private image; faiss: an IVF-Flat index over the private set "
+                                             "(built once per run), whose recall is measured in docs/benchmarks.md.")
+    index_min_private: int = Field(10_000, ge=2, description="index: faiss only from this many private images; "
+                                   "smaller sets are searched exactly.")
+    index_nlist: int | None = Field(None, ge=1, description="IVF cells (k-means centroids); None: 4·√(private "
+                                    "images), at most private images / 39.")
+    index_nprobe: int = Field(32, ge=1, description="Cells searched per synthetic image: more is slower and "
+                              "closer to the exact search.")
+    index_candidates: int = Field(32, ge=1, description="tiled_l2: private images the index proposes per synthetic "
+                                  "image, re-ranked with the exact tiled distance.")
+    index_grid: int = Field(16, ge=1, description="tiled_l2: the index compares images averaged to this many "
+                            "blocks per side (the largest divisor of data.image_size up to it), per channel.")
+    index_distance: Literal["max", "rms"] = Field("max", description="tiled_l2: how the index ranks candidates "
+                                                  "on the block means: max, the largest difference (L∞, like the "
+                                                  "max over tiles); rms, their RMS difference (L2, faster).")
 
 
 class EvaluateConfig(Section):
@@ -791,6 +809,10 @@ DATA_FIELDS_SINCE_SOURCES = ("path", "test_path", "split", "test_split", "test_f
                              "class_names", "follow_links_outside", "max_image_pixels")
 
 
+REPLICATION_INDEX_FIELDS = ("index", "index_min_private", "index_nlist", "index_nprobe", "index_candidates",
+                            "index_grid", "index_distance")
+
+
 def pipeline_generation(cfg: Config) -> str:
     """What the ``pipeline`` shadows repeat of generation (``privacy.pipeline_generation`` resolved):
     "regenerate" for ``auto`` when the method adapts LoRAs on the private data, else "relabel"."""
@@ -821,6 +843,11 @@ def stage_hash(cfg: Config, stage: str, extra: Any = None) -> str:
         drop.insert(0, "synthesis.rcdm.filter")  # RCDM filters after synthesis (stage rcdm_filter)
     if stage == "prepare":
         drop.append("data.caption")  # captions are made from the prepared images, not part of them
+    # The replication index's settings matter only with index: faiss (tiled_l2's candidates only for tiled_l2).
+    if cfg.replication.index == "exact":
+        drop += [f"replication.{k}" for k in REPLICATION_INDEX_FIELDS]
+    elif cfg.replication.metric == "cosine":
+        drop += ["replication.index_candidates", "replication.index_grid", "replication.index_distance"]
     if stage == "student" and not (cfg.replication.enabled and cfg.replication.action == "drop"):
         drop.append("replication")  # flagging does not change what the Student trains on
     for dotted in drop:

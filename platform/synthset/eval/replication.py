@@ -24,6 +24,11 @@ Everything is chunked (queries × references in blocks, torch matmuls, running m
 synthetic × 30k private images never materialise a full distance matrix; pass ``device="cuda"``
 to run the matmuls on a GPU. ``replication_gate`` streams (keys, images) batches, e.g. read from
 the synthetic shards, and ``write_audit`` writes one CSV or JSONL row per synthetic image.
+
+For large private sets, ``index="faiss"`` replaces the exact search by a faiss IVF index
+(``eval/replication_index.py``, which says what it can miss): for cosine its nearest neighbour, for
+tiled_l2 its candidates (block-averaged images) re-ranked with the exact tiled distance
+(``nearest_tiled_l2_among``). The exact search stays the default and the index's test reference.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Literal
 
 import numpy as np
+
+from synthset.eval.replication_index import IndexParams, PrivateIndex, candidate_vectors, unit_features
 
 Metric = Literal["tiled_l2", "cosine"]
 
@@ -102,9 +109,25 @@ class Chunks:
             yield offset, self.load(part)
             offset += n
 
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (sorted, unique) of the whole set as one array, loading only the chunks that hold some."""
+        rows, out, offset = np.asarray(rows, dtype=np.int64), [], 0
+        if not len(rows) or (np.diff(rows) <= 0).any() or rows[0] < 0 or rows[-1] >= len(self):
+            raise ValueError(f"rows: must be sorted, unique, in [0, {len(self)}) and at least one")
+        for part, n in zip(self.parts, self.sizes):
+            picked = rows[(rows >= offset) & (rows < offset + n)] - offset
+            if len(picked):
+                out.append(np.asarray(self.load(part))[picked])
+            offset += n
+        return np.concatenate(out)
 
-# The (tiles × queries × references) float32 distance block of ``nearest_tiled_l2`` stays under this many bytes.
+
+# The (tiles × queries × references) float32 distance block of ``nearest_tiled_l2`` stays under this many bytes,
+# and so do the candidate images ``nearest_tiled_l2_among`` gathers at once; it takes their differences from the
+# queries PAIR_BYTES at a time (cache-sized: in numpy, 8 queries × 32 candidates at a time, 256 queries at 32 px RGB
+# took 30–100 ms; in torch, in one 100 MB block, 230–890 ms; 2-core machine under load, 1 or 2 threads).
 BLOCK_BYTES = 64 * 2 ** 20
+PAIR_BYTES = 4 * 2 ** 20
 
 
 def nearest_tiled_l2(queries: np.ndarray, reference, tile: int, reduce: Literal["max", "mean"] = "max",
@@ -167,6 +190,55 @@ def nearest_tiled_l2(queries: np.ndarray, reference, tile: int, reduce: Literal[
                 run_d[q0:q1] = torch.where(better, m_d, run_d[q0:q1])
                 run_i[q0:q1] = torch.where(better, m_i + offset + r0, run_i[q0:q1])
     return run_i.cpu().numpy().astype(np.int64), run_d.cpu().numpy().astype(np.float32)
+
+
+def nearest_tiled_l2_among(queries: np.ndarray, reference: Chunks, candidates: np.ndarray, tile: int,
+                           reduce: Literal["max", "mean"] = "max",
+                           to_unit: Callable = _unit) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest of each query's *candidate* reference images under the tiled RMS distance: how the gate re-ranks
+    what its index proposes (``eval/replication_index.py``).
+
+    ``queries`` (M, C, H, W) float in [0, 1]; ``reference``: a ``Chunks`` of reference images, of which only the
+    chunks holding candidates are loaded and only the candidates' rows converted by ``to_unit`` (default: uint8
+    stored images → [0, 1], float taken as is); ``candidates`` (M, K) reference rows, −1 for none, at least one
+    per query. Returns (index (M,) int64, distance (M,) float32) as ``nearest_tiled_l2`` would over those rows;
+    ties go to the lowest row. Each pair is computed as ‖a_t − b_t‖ directly (not through |a|² + |b|² − 2a·b, so a
+    distance may differ from the exact search's in the last float32 digits), in numpy on one CPU thread, a few
+    MB of differences at a time: the work is memory-bound, K pairs per query instead of the reference set, and
+    torch's threads only contended for a busy CPU here (docs/benchmarks.md).
+    """
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"reduce: must be 'max' or 'mean' (got {reduce!r})")
+    candidates = np.asarray(candidates, dtype=np.int64)
+    if candidates.ndim != 2 or len(candidates) != len(queries):
+        raise ValueError(f"candidates: expected ({len(queries)}, K) rows, got shape {candidates.shape}")
+    if len(candidates) and (candidates.max(1) < 0).any():
+        raise ValueError("candidates: every query needs at least one candidate row")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    n, c, h, w = queries.shape
+    pair_bytes = 4 * c * h * w * max(1, candidates.shape[1])
+    out_i, out_d = np.zeros(n, np.int64), np.zeros(n, np.float32)
+    for q0, q1 in _blocks(n, max(1, BLOCK_BYTES // pair_bytes)):
+        cand = np.sort(candidates[q0:q1], axis=1)  # −1 first, then ascending rows: ties go to the lowest row
+        rows = np.unique(cand[cand >= 0])
+        stored = reference.take(rows)  # as stored (uint8 for the stage): converted below, a few pairs at a time
+        pos = np.searchsorted(rows, np.maximum(cand, rows[0]))
+        q = to_tiles(queries[q0:q1], tile)
+        d = np.empty(cand.shape, np.float32)
+        for s0, s1 in _blocks(len(cand), max(1, PAIR_BYTES // pair_bytes)):
+            b, k = s1 - s0, cand.shape[1]
+            images = to_unit(stored[pos[s0:s1]].reshape(b * k, *stored.shape[1:]))
+            if images.shape[1:] != queries.shape[1:]:
+                raise ValueError(f"queries: image shape {queries.shape[1:]} differs from the reference's "
+                                 f"{images.shape[1:]}")
+            diff = to_tiles(images, tile).reshape(b, k, -1, c * tile * tile) - q[s0:s1, None]
+            mse = np.einsum("bktd,bktd->bkt", diff, diff) / np.float32(c * tile * tile)  # (queries, K, tiles)
+            d[s0:s1] = np.sqrt(mse.max(-1)) if reduce == "max" else np.sqrt(mse).mean(-1)
+        d[cand < 0] = np.inf
+        best = d.argmin(1)  # the first minimum: the lowest row among equals
+        out_i[q0:q1] = cand[np.arange(len(cand)), best]
+        out_d[q0:q1] = d[np.arange(len(cand)), best]
+    return out_i, out_d
 
 
 def _unit_rows(features, name: str):
@@ -294,25 +366,33 @@ class ReplicationGate:
     ``calibration_size`` subsamples the private images used to calibrate (seeded), for very large private
     sets, and ``calibration`` may give those images as ``Chunks`` (rows ``calibration_rows``), so that they
     too stay out of memory.
+
+    ``index``: "exact" (default: every private image is compared), "faiss" (an IVF index over the private set,
+    ``eval/replication_index.py``, built here with ``index_params`` when the set has at least
+    ``index_params.min_private`` images, else exact), or a ``PrivateIndex`` built elsewhere over these same
+    images (the stage's driver builds it once and its pool actors load it). The calibration stays exact.
     """
 
     def __init__(self, real_images, metric: Metric = "tiled_l2", tile: int = 8,
                  reduce: Literal["max", "mean"] = "max", feature_fn: Callable | None = None,
                  quantile: float = 0.01, threshold: float | None = None, real_index: np.ndarray | None = None,
                  calibration_size: int | None = None, seed: int = 0, chunk: int = 1024, device: str = "cpu",
-                 calibration: Chunks | None = None):
+                 calibration: Chunks | None = None, index="exact", index_params: IndexParams | None = None):
         if metric not in ("tiled_l2", "cosine"):
             raise ValueError(f"metric: must be 'tiled_l2' or 'cosine' (got {metric!r})")
         if metric == "cosine" and feature_fn is None:
             raise ValueError("feature_fn: required for metric='cosine'")
         self.metric, self.tile, self.reduce, self.feature_fn = metric, tile, reduce, feature_fn
         self.chunk, self.device = chunk, device
+        if not (isinstance(index, PrivateIndex) or index in ("exact", "faiss")):
+            raise ValueError(f"index: must be 'exact', 'faiss' or a PrivateIndex (got {index!r})")
         if isinstance(real_images, Chunks):
             self.real = real_images
         else:
             array = np.asarray(real_images)
             as_unit_images(array[:1], "real_images")  # the shape check, before anything else
             self.real = Chunks.of(array, chunk)
+        self.stored = self.real  # as given: the index's re-ranking converts only the rows it reads
         # The gate's images (uint8, or float in [-1, 1]) become [0, 1] floats a chunk at a time.
         self.real = Chunks(self.real.parts, self.real.sizes, lambda part, load=self.real.load: _gate_unit(load(part)))
         n = len(self.real)
@@ -323,12 +403,29 @@ class ReplicationGate:
             raise ValueError(f"real_index: expected shape ({n},), got {self.real_index.shape}")
         self.image_shape = next(iter(self.real))[1].shape[1:]
         self.real_features = None
-        if metric == "cosine":  # features are small (N × F): computed once, a chunk of images at a time
+        # Features are small (N × F): computed once, a chunk of images at a time — unless a given index and a
+        # given threshold leave nothing to use them for (the stage's pool actors).
+        if metric == "cosine" and not (isinstance(index, PrivateIndex) and threshold is not None):
             self.real_features = np.concatenate([self._features(c) for _, c in self.real])
         if threshold is None:
             self.nn_scores = self.private_nn_scores(calibration_size, seed, calibration)
             threshold = calibrate_threshold(self.nn_scores, metric, quantile)
         self.threshold = float(threshold)
+        self.index = index if isinstance(index, PrivateIndex) else None
+        params = index_params or IndexParams()
+        if index == "faiss" and n >= params.min_private:
+            self.index = self.build_index(params)
+        if self.index is not None and (len(self.index) != n or self.index.metric != metric):
+            raise ValueError(f"index: a {self.index.metric} index of {len(self.index)} vectors for {n} private "
+                             f"images and metric {metric}")
+
+    def build_index(self, params: IndexParams) -> PrivateIndex:
+        """The faiss index over this gate's private set (``eval/replication_index.py``), a chunk at a time."""
+        if self.metric == "cosine":
+            return PrivateIndex.build(Chunks.of(unit_features(self.real_features), self.chunk), "cosine", params)
+        vectors = Chunks(self.real.parts, self.real.sizes,
+                         lambda part, load=self.real.load: candidate_vectors(load(part), params.grid))
+        return PrivateIndex.build(vectors, "tiled_l2", params)
 
     def _features(self, unit_images: np.ndarray) -> np.ndarray:
         import torch
@@ -371,10 +468,18 @@ class ReplicationGate:
         if x.shape[1:] != self.image_shape:
             raise ValueError(f"queries: image shape {x.shape[1:]} differs from the reference's {self.image_shape}")
         if self.metric == "tiled_l2":
-            idx, score = nearest_tiled_l2(x, self.real, self.tile, self.reduce, self.chunk, device=self.device)
+            if self.index is None:
+                idx, score = nearest_tiled_l2(x, self.real, self.tile, self.reduce, self.chunk, device=self.device)
+            else:  # the index's candidates, re-ranked with the exact tiled distance
+                candidates = self.index.candidates(candidate_vectors(x, self.index.params.grid))
+                idx, score = nearest_tiled_l2_among(x, self.stored, candidates, self.tile, self.reduce,
+                                                    to_unit=_gate_unit)
             is_copy = score <= self.threshold
         else:
-            idx, score = nearest_cosine(self._features(x), self.real_features, self.chunk, device=self.device)
+            if self.index is None:
+                idx, score = nearest_cosine(self._features(x), self.real_features, self.chunk, device=self.device)
+            else:
+                idx, score = self.index.nearest_cosine(unit_features(self._features(x)))
             is_copy = score >= self.threshold
         return ReplicationResult(self.metric, self.threshold, list(keys), self.real_index[idx], score, is_copy)
 

@@ -94,9 +94,10 @@ AUDIT_FIELDS = ["key", "real_index", "metric", "score", "is_copy"]
 
 
 def _load_chunk(part):
-    """A reference chunk of the gate: a ``.npy`` file (no Ray) or a Ray object ref."""
+    """A reference chunk of the gate: a ``.npy`` file (no Ray; memory-mapped, so that the index's re-ranking
+    reads only the rows it needs) or a Ray object ref."""
     if isinstance(part, str):
-        return np.load(part, allow_pickle=False)
+        return np.load(part, mmap_mode="r", allow_pickle=False)
     import ray
 
     return ray.get(part)
@@ -138,6 +139,15 @@ class _ChunkStore:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _index_params(cfg: Config):
+    """The ``replication.index_*`` settings as the gate takes them (the training sample seeded like the calibration)."""
+    from synthset.eval.replication_index import IndexParams
+
+    rep = cfg.replication
+    return IndexParams(rep.index_nlist, rep.index_nprobe, rep.index_candidates, rep.index_grid, rep.index_min_private,
+                       cfg.data.splits.seed, rep.index_distance)
+
+
 def _gate_feature_fn(cfg: Config, device: str = "cpu"):
     rep = cfg.replication
     if rep.metric != "cosine":
@@ -153,17 +163,22 @@ def _gate_feature_fn(cfg: Config, device: str = "cpu"):
 
 class ShardGate:
     """Shard-pool worker of the replication gate: one synthetic shard per call — its verdicts as an audit part,
-    and with ``action: drop`` a copy of the shard without the copies (the kept members' bytes copied)."""
+    and with ``action: drop`` a copy of the shard without the copies (the kept members' bytes copied).
+    ``reference["index"]``: the driver's faiss index as a chunk-store part (None: exact search)."""
 
     def __init__(self, cfg: dict, reference: dict, threshold: float, source: str, parts_dir: str,
                  dataset: str | None, channels: int):
         from synthset.eval.replication import Chunks, ReplicationGate
+        from synthset.eval.replication_index import PrivateIndex
 
         self.cfg = Config.model_validate(cfg)
         rep = self.cfg.replication
+        index = "exact"
+        if reference.get("index") is not None:
+            index = PrivateIndex.from_array(_load_chunk(reference["index"]), rep.metric, _index_params(self.cfg))
         self.gate = ReplicationGate(Chunks(reference["parts"], reference["sizes"], _load_chunk), rep.metric, rep.tile,
                                     rep.reduce, _gate_feature_fn(self.cfg, rep.device), rep.quantile, threshold,
-                                    real_index=np.asarray(reference["real_index"]), device=rep.device)
+                                    real_index=np.asarray(reference["real_index"]), device=rep.device, index=index)
         self.source, self.parts_dir, self.dataset, self.channels = source, parts_dir, dataset, channels
 
     def __call__(self, task: dict) -> dict:
@@ -202,7 +217,9 @@ def run_replication(cfg: Config, labelled_dataset: str, resume: bool = True, tra
 
     The private images go once into a chunk store (Ray's object store, or files without Ray), the
     threshold is calibrated on them here, then a pool of gate workers checks the synthetic shards one per
-    task (``ShardGate``): memory follows a chunk and a shard, not the private or the synthetic set.
+    task (``ShardGate``): memory follows a chunk and a shard, not the private or the synthetic set. With
+    ``replication.index: faiss`` (and at least ``index_min_private`` private images) the faiss index is built
+    here, once, and goes to the workers through the same store as one uint8 array.
 
     Summary keys: ``dataset`` (what the Student trains on: the filtered copy with action=drop, else
     ``labelled_dataset``), ``images``, ``copies``, ``copy_fraction``, ``dropped``, ``threshold``,
@@ -221,7 +238,7 @@ def run_replication(cfg: Config, labelled_dataset: str, resume: bool = True, tra
     stage.begin(cfg)
     private = load_splits(cfg).private
     size, channels = cfg.data.image_size, private.channels
-    reference, calibration = _ChunkStore(), _ChunkStore()
+    reference, calibration, index_store = _ChunkStore(), _ChunkStore(), _ChunkStore()
     try:
         for _, images in private.chunks(size=size):  # the private set in the gate's space, a shard at a time
             reference.put(images)
@@ -232,7 +249,10 @@ def run_replication(cfg: Config, labelled_dataset: str, resume: bool = True, tra
         gate = ReplicationGate(reference.chunks(), rep.metric, rep.tile, rep.reduce, _gate_feature_fn(cfg, rep.device),
                                rep.quantile, rep.threshold, real_index=private.index,
                                calibration_size=rep.calibration_size, seed=cfg.data.splits.seed, device=rep.device,
-                               calibration=calibration.chunks() if calibration.parts else None)
+                               calibration=calibration.chunks() if calibration.parts else None,
+                               index=rep.index, index_params=_index_params(cfg))
+        if gate.index is not None:
+            index_store.put(gate.index.to_array())
         source = read_manifest(labelled_dataset)
         dataset = stage.path("data") if rep.action == "drop" else None
         parts_dir = stage.path("audit")
@@ -243,12 +263,14 @@ def run_replication(cfg: Config, labelled_dataset: str, resume: bool = True, tra
         worker_kwargs = {"cfg": cfg.to_dict(), "threshold": gate.threshold, "source": labelled_dataset,
                          "parts_dir": parts_dir, "dataset": dataset, "channels": channels,
                          "reference": {"parts": reference.parts, "sizes": reference.sizes,
-                                       "real_index": private.index.tolist()}}
+                                       "real_index": private.index.tolist(),
+                                       "index": index_store.parts[0] if index_store.parts else None}}
         run_shard_pool(tasks, ShardGate, worker_kwargs, PoolResources.of(rep.actors), "replication",
                        source["num_samples"], sum(source["shards"][i]["count"] for i in done), tracker)
     finally:
         reference.close()
         calibration.close()
+        index_store.close()
     # Every shard's audit part is complete (this run's or an earlier one's): gather the totals from them.
     audit, copies, score_sum, images = stage.path("replication_audit.csv"), 0, 0.0, 0
     parts = [storage.join(parts_dir, f"part-{i:06d}.csv") for i in range(len(source["shards"]))]
@@ -268,6 +290,8 @@ def run_replication(cfg: Config, labelled_dataset: str, resume: bool = True, tra
               "calibration_images": int(len(getattr(gate, "nn_scores", [])))}
     if getattr(gate, "nn_scores", None) is not None:
         counts["private_nn_score_median"] = float(np.median(gate.nn_scores))
+    if gate.index is not None:  # only then: an exact run's replication.json stays as it was
+        counts["index"] = gate.index.describe()
     if dataset is not None:
         from synthset.data.shards import completed_shards
 
