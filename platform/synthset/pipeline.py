@@ -13,19 +13,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 from synthset import storage
 from synthset.config import Config, config_hash
 from synthset.stages.common import output_root
-
-
-def check_foundation_path(path: str) -> None:
-    """``foundation.path``: a local directory must hold a diffusers pipeline; anything else is taken as a hub id."""
-    if Path(path).expanduser().exists() or path.startswith(("/", ".", "~")):
-        index = Path(path).expanduser() / "model_index.json"
-        if not index.is_file():
-            raise FileNotFoundError(f"foundation.path: {index} not found (expected a diffusers pipeline directory)")
+from synthset.stages.foundation import check_foundation_path
 
 
 def validate_inputs(cfg: Config, prepare: bool = True) -> list[str]:

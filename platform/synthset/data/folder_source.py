@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from synthset.data.images import IMAGE_SUFFIXES
-from synthset.data.sources import Listing, Source
+from synthset.data.source_base import Listing, Source
 
 
 def _visible(name: str) -> bool:

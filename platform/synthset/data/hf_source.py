@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from synthset.data.images import BadImage
-from synthset.data.sources import Listing, Source
+from synthset.data.source_base import Listing, Source
 
 
 def load_hf_dataset(path: str):

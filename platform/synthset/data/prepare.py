@@ -45,7 +45,8 @@ from synthset import storage
 from synthset.config import DataConfig
 from synthset.data.images import BadImage, fit_images
 from synthset.data.shards import decode_image, encode_image, iter_shard, read_manifest, write_manifest, write_shard
-from synthset.data.sources import ArraySource, Listing, SkippedImage, Source, open_source
+from synthset.data.source_base import ArraySource, Listing, SkippedImage, Source
+from synthset.data.sources import open_source
 from synthset.data.splits import Splits, draw_splits, report_skipped, shift_images, split_record, test_rows
 
 SPLIT_NAMES = ("public", "private", "holdout", "test")

@@ -33,7 +33,8 @@ from PIL import Image
 
 from synthset.config import PUBLIC_SHIFTS, DataConfig
 from synthset.data.images import fit_images  # noqa: F401 (re-exported: the stages import it from here)
-from synthset.data.sources import FASHION_MNIST_CACHE, ImageSet, open_source
+from synthset.data.source_base import ImageSet
+from synthset.data.sources import FASHION_MNIST_CACHE, open_source
 
 
 # Parameters of the public shifts (data.public_shift). Measured gap on Fashion-MNIST (a small CNN

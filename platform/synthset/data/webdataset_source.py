@@ -37,7 +37,7 @@ from typing import Iterator
 import numpy as np
 
 from synthset.data.images import IMAGE_SUFFIXES, BadImage
-from synthset.data.sources import Listing, Source
+from synthset.data.source_base import Listing, Source
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _IMAGE_EXTENSIONS = {s.lstrip(".") for s in IMAGE_SUFFIXES}

@@ -10,7 +10,7 @@ The encoder is ``synthesis.rcdm.embed.encoder``:
   ``data`` and its own settings, not on the Teacher (whose section is not among the synthesis
   stage's hash inputs). It costs one small training run (seconds on Fashion-MNIST).
 * a transformers image model by hub id or local directory (DINOv2, CLIP vision): its pooled / CLS
-  output (``stages.evaluate.feature_extractor``, the same extractor as the generative metrics).
+  output (``models.encoders.feature_extractor``, the same extractor as the generative metrics).
 
 Embeds the private split, or a class-balanced subset of it (``synthesis.rcdm.embed.real_images``:
 RCDM's "private set", what its generator trains on and is conditioned on). Writes
@@ -64,7 +64,7 @@ def encoder_function(spec: str, device: str = "cpu") -> Callable:
     URI is read through a cached local copy, ``storage.materialize``), or a transformers model by hub id /
     directory (DINOv2, CLIP vision: pooled or CLS output).
     """
-    from synthset.stages.evaluate import feature_extractor
+    from synthset.models.encoders import feature_extractor
 
     spec = storage.materialize(spec)  # a local path or hub id as it is
     if (Path(spec) / "classifier.json").is_file():

@@ -18,12 +18,21 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
 from synthset.config import Config
 from synthset.stages.common import StageDir
 from synthset.storage import local_path
+
+
+def check_foundation_path(path: str) -> None:
+    """``foundation.path``: a local directory must hold a diffusers pipeline; anything else is taken as a hub id."""
+    if Path(path).expanduser().exists() or path.startswith(("/", ".", "~")):
+        index = Path(path).expanduser() / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"foundation.path: {index} not found (expected a diffusers pipeline directory)")
 
 
 def foundation_dir(cfg: Config) -> StageDir:

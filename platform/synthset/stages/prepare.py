@@ -30,7 +30,8 @@ from synthset import storage
 from synthset.config import Config, DataConfig
 from synthset.data.prepare import (PreparePlan, check_refs, finish_prepared, plan_prepare, read_prepared, shard_specs,
                                    write_prepared_shard)
-from synthset.data.sources import Source, open_source
+from synthset.data.source_base import Source
+from synthset.data.sources import open_source
 from synthset.stages.common import StageDir
 from synthset.stages.shard_pool import PoolResources, run_function
 
@@ -95,7 +96,7 @@ def plan(cfg: Config, check_images: bool = True) -> PreparePlan:
     cannot be decoded are found first, by parallel tasks when Ray is running (``check_images=False``: not
     looked for, a quick plan for checks before Ray starts; the splits may then still hold such images)."""
     source = open_source(cfg.data)
-    from synthset.data.sources import ArraySource
+    from synthset.data.source_base import ArraySource
 
     in_process = isinstance(source, ArraySource)
     data = cfg.data.model_dump(mode="json")

@@ -196,8 +196,7 @@ def check_regenerate_inputs(cfg: Config) -> None:
     """Before any shadow trains: what ``regenerate`` shadows adapt from exists (the method's LoRAs are checked
     when the config loads). The foundation model is ``foundation.path`` or the foundation stage's output; every
     shadow's half holds ``adapt.shots_per_class`` images of each class (``select_shots`` draws from the half)."""
-    from synthset.pipeline import check_foundation_path
-    from synthset.stages.foundation import foundation_dir
+    from synthset.stages.foundation import check_foundation_path, foundation_dir
 
     if cfg.foundation.path is not None:
         check_foundation_path(cfg.foundation.path)
