@@ -248,3 +248,16 @@ def test_a_bad_folder_fails_before_ray_or_mlflow_start(tmp_path):
     assert "Started a local Ray instance" not in result.stdout + result.stderr
     assert not (tmp_path / "runs" / "mlflow.db").exists()
     print(f"error after {time.monotonic() - t0:.1f}s")  # docs/reliability.md records it (import time included)
+
+
+def test_a_relative_output_root_means_the_same_place_in_every_worker(tmp_path, monkeypatch):
+    """Ray Train workers run in their own working directories: a relative root read there named another
+    place, and the quickstart's foundation worker prepared the data again under /tmp/ray/session_*/artifacts."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(ROOT / "conf" / "tiny.yaml", ["output.root=runs/here"])
+    assert cfg.output.root == str(tmp_path / "runs" / "here")
+    elsewhere = tmp_path / "worker-cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert Config.model_validate(cfg.to_dict()).output.root == str(tmp_path / "runs" / "here")
+    assert load_config(None, ["output.root=s3://bucket/run"]).output.root == "s3://bucket/run"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -107,7 +108,9 @@ def _a_root_of_its_own(value: str) -> str:
     problem = root_problem(value)
     if problem:
         raise ValueError(problem)
-    return value
+    # A local root is made absolute where the config is read: Ray Train workers and pool actors run in other
+    # working directories, where a relative root would name another place (outside the real root).
+    return value if "://" in value else os.path.abspath(os.path.expanduser(value))
 
 
 class OutputConfig(Section):
