@@ -196,3 +196,21 @@ def randomize_lora_b(layers, seed: int = 1) -> None:
     with torch.no_grad():
         for layer in layers:
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """An S3-compatible server (moto) on loopback with a bucket ``synthset``; AWS_* env points at it. Yields a
+    boto3 client of it."""
+    boto3 = require_import("boto3")
+    server_mod = require_import("moto.server")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="synthset")
+    yield boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    server.stop()

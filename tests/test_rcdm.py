@@ -416,26 +416,6 @@ def test_pipeline_with_rcdm_writes_filtered_shards_and_counts(tmp_path):
     assert [e["sha256"] for e in rewritten["shards"]] == [e["sha256"] for e in filtered["shards"]]
 
 
-@pytest.fixture
-def s3_server(monkeypatch):
-    """An S3-compatible server (moto) on loopback, with a bucket; AWS_* env points at it (as in
-    test_synthesis_resume.py)."""
-    from conftest import require_import
-
-    boto3 = require_import("boto3")
-    server_mod = require_import("moto.server")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="synthset")
-    yield boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
-    server.stop()
-
-
 def _rcdm_generation(cfg) -> dict:
     """embed → rcdm_generator → synthesis → rcdm_filter of ``cfg`` through the pipeline's stage runners
     (``pipeline.run_generation`` less the foundation model, which RCDM does not read); {stage: summary}."""

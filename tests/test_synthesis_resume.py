@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, require_import
+from conftest import ROOT
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.usefixtures("fashion_mnist")]
@@ -131,23 +131,6 @@ def test_actor_killed_mid_shard_is_replaced_and_its_shard_redone(tmp_path, tiny_
     assert '"generated_now": 200' in out
     check_complete(root)
     assert digests(root) == reference
-
-
-@pytest.fixture
-def s3_server(monkeypatch):
-    """An S3-compatible server (moto) on loopback, with a bucket; AWS_* env points at it."""
-    boto3 = require_import("boto3")
-    server_mod = require_import("moto.server")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="synthset")
-    yield boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
-    server.stop()
 
 
 def test_object_store_output_resumes_and_matches_local_bytes(tmp_path, tiny_pipeline_dir, reference, s3_server):
