@@ -214,3 +214,15 @@ def s3_server(monkeypatch):
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="synthset")
     yield boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_not_inherited():
+    """``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI; a later test's subprocess (the sweep driver)
+    would inherit it and track into this test's store. Restore the variable after every test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
