@@ -11,7 +11,7 @@ cached by hash, so a rerun resumes: the shadows train once, ClassPrompt's images
 cardinality (its generator reads no private data and no training seed), the Teacher once per seed.
 Then reads each evaluation's ``metrics.json`` (``eval/seed_stats.py: seed_rows``), aggregates over seeds
 (``aggregate_seeds``) and writes ``<out>/seeds.json`` (per-seed rows and aggregates), ``<out>/seeds.md``
-(the table, mean ± SE) and ``<out>/tradeoff_{online,offline}.png`` (``eval/plots.py:
+(the table, mean ± SE) and ``<out>/tradeoff_{online,offline}.png`` (``plots.py:
 save_tradeoff_errorbars``). Logs: ``<out>/<card>x-seed<seed>.log``. ``--combine LABEL=DIR …`` draws finished
 runs of several methods in one table and plot.
 """
@@ -46,7 +46,7 @@ def seed_table(aggregates: list[dict]) -> str:
 
 def write_table_and_plots(aggregates: list[dict], out: str, what: str) -> None:
     """``<out>/seeds.md`` and ``<out>/tradeoff_{online,offline}.png`` of the aggregates; prints the table."""
-    from synthset.eval.plots import save_tradeoff_errorbars
+    from synthset.plots import save_tradeoff_errorbars
 
     table = seed_table(aggregates)
     with open(os.path.join(out, "seeds.md"), "w") as f:

@@ -67,10 +67,11 @@ def main() -> None:
     from synthset.config import load_config
     from synthset.data.splits import to_unit_tensor
     from synthset.eval.lira import keep_matrix
-    from synthset.eval.membership import (candidate_pool, draw_candidates, membership_accuracy, score_shadows,
-                                          shadow_seed, shadow_train_index)
+    from synthset.eval.membership import (draw_candidates, membership_accuracy, score_shadows, shadow_seed,
+                                          shadow_train_index)
     from synthset.eval.shadow_training import classifier_shadow_logits
     from synthset.stages.prepare import load_splits
+    from synthset.stages.privacy import candidate_pool
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.path.join(ROOT, "conf", "privacy.yaml"))

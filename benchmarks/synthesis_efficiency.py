@@ -29,7 +29,8 @@ from synthset import storage  # noqa: E402
 from synthset.config import load_config  # noqa: E402
 from synthset.methods import get_method  # noqa: E402
 from synthset.models.foundation import build_foundation  # noqa: E402
-from synthset.pipeline import run_method_stages, validate_inputs  # noqa: E402
+from synthset.pipeline import validate_inputs  # noqa: E402
+from synthset.stages.graph import plan_artifacts, run_method_stages  # noqa: E402
 from synthset.stages.common import init_ray  # noqa: E402
 from synthset.stages.foundation import foundation_model_path  # noqa: E402
 from synthset.stages.synthesize import run_synthesis  # noqa: E402
@@ -67,7 +68,7 @@ def main() -> None:
     init_ray(cfg)
     model = foundation_model_path(cfg)
     done = run_method_stages(cfg, model)  # captions, LoRAs, a generator: what synthesis reads (cached)
-    context = get_method(cfg.synthesis.method).plan_context(cfg, names, done)
+    context = get_method(cfg.synthesis.method).plan_context(cfg, names, plan_artifacts(cfg, done))
     loras = done["adapt"]["loras"] if "adapt" in done else None
     if "generator" in done:
         model = done["generator"]["model"]

@@ -15,7 +15,7 @@ from synthset.pipeline import print_json, validate_inputs
 def work(args, cfg):
     validate_inputs(cfg)
     if RESCORE:
-        from synthset.eval.report import evaluate_classifiers
+        from synthset.stages.report import evaluate_classifiers
 
         print_json(evaluate_classifiers(cfg))
         return

@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 
-from synthset.eval.report import save_tradeoff_plot, tradeoff_rows, tradeoff_table
+from synthset.stages.report import save_tradeoff_plot, tradeoff_rows, tradeoff_table
 
 
 def main() -> None:

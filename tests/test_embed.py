@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import assert_close_scaled
-from synthset.stages.embed import (PUBLIC_CNN, balanced_subset, check_encoder, embed_images, encoder_function,
-                                   read_embeddings)
+from synthset.models.encoders import PUBLIC_CNN, check_encoder, read_embeddings
+from synthset.stages.embed import balanced_subset, embed_images, encoder_function
 
 
 def _tiny_dinov2(path):

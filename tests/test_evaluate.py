@@ -169,7 +169,8 @@ def test_gate_with_a_faiss_index_gives_the_exact_verdicts_and_records_the_index(
 
 def test_pipeline_shadow_function_on_tiny_data(digits_cfg, monkeypatch):
     from synthset.data.splits import to_unit_tensor
-    from synthset.eval.membership import candidate_pool, draw_candidates, shadow_train_index
+    from synthset.eval.membership import draw_candidates, shadow_train_index
+    from synthset.stages.privacy import candidate_pool
     from synthset.stages import privacy as privacy_stage
     from synthset.stages.privacy import train_shadow_classifier, train_shadow_pipeline
 
@@ -249,7 +250,7 @@ def test_evaluate_job_writes_metrics_report_audit_and_lira(digits_cfg, tmp_path)
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and '"reused": true' in again.stdout
 
-    from synthset.eval.report import save_tradeoff_plot, tradeoff_rows, tradeoff_table
+    from synthset.stages.report import save_tradeoff_plot, tradeoff_rows, tradeoff_table
 
     rows = tradeoff_rows([metrics])
     assert len(rows) == 5 and "student-soft/pipeline" in tradeoff_table(rows)

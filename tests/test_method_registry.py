@@ -33,11 +33,9 @@ def toy_plan(start: int, stop: int, run_seed: int, context) -> list[dict]:
     return rows
 
 
-def toy_context(cfg, class_names: list[str], done: dict):
-    from synthset.stages.caption import read_captions
-
-    captions = read_captions(done["caption"]["captions"])
-    return base_context(cfg, class_names, captions={c: [(c, captions[c])] for c in range(len(class_names))})
+def toy_context(cfg, class_names: list[str], artifacts: dict):
+    """The first captioned image of each class (``artifacts["caption"]``: the caption stage's captions by class)."""
+    return base_context(cfg, class_names, captions={c: rows[:1] for c, rows in artifacts["caption"].items()})
 
 
 def toy_load(model_path, loras, synthesis, device, dtype):
@@ -56,14 +54,6 @@ TOY = Method("toy_grey", needs=("captions",), reads=("synthesis.caption_template
 def toy(monkeypatch):
     monkeypatch.setattr(methods, "REGISTRY", dict(methods.REGISTRY))  # unregistered again after the test
     return methods.register(TOY)
-
-
-@pytest.fixture
-def captions_file(tmp_path):
-    path = tmp_path / "captions.jsonl"
-    path.write_text("".join(json.dumps({"position": i, "index": i, "class_id": i, "caption": f"item {i}"}) + "\n"
-                            for i in range(10)))
-    return path
 
 
 def test_every_method_module_is_registered_under_its_name_with_its_stages():
@@ -115,27 +105,35 @@ def test_a_registered_method_is_accepted_hashed_by_its_declared_settings_and_kee
     assert {m: stage_hash(load_config(TINY, [f"synthesis.method={m}"]), "synthesis") for m in before} == before
 
 
-def test_the_pipeline_stages_plans_and_generates_a_registered_method(toy, tmp_path, captions_file, monkeypatch):
+def test_the_pipeline_stages_plans_and_generates_a_registered_method(toy, tmp_path, monkeypatch):
     from synthset import pipeline
     from synthset.data.shards import iter_shard, shard_name
+    from synthset.stages import graph
     from synthset.stages.synthesize import ShardGenerator
 
+    from synthset.stages.prepare import load_splits
+
     cfg = load_config(TINY, ["synthesis.method=toy_grey", f"output.root={tmp_path}"])
+    labels = load_splits(cfg).private.labels
+    captions_file = tmp_path / "captions.jsonl"
+    captions_file.write_text("".join(json.dumps({"position": i, "index": i, "class_id": int(c), "caption": f"item {i}"})
+                                     + "\n" for i, c in enumerate(labels)))
     stages = list(pipeline.describe(cfg)["stages"])
     assert stages[:4] == ["foundation", "teacher", "caption", "synthesis"] and "adapt" not in stages
     # The pipeline runs the stages the method needs, and only those (a stand-in caption stage here).
     calls = []
-    caption_dir = pipeline.GENERATION_STAGES["caption"][0]
+
     def fake_caption_stage(cfg, model, done, resume, tracker):
         calls.append(model)
         return {"captions": str(captions_file)}
 
-    monkeypatch.setitem(pipeline.GENERATION_STAGES, "caption", (caption_dir, fake_caption_stage))
-    monkeypatch.setitem(pipeline.GENERATION_STAGES, "adapt", (None, lambda *a: pytest.fail("adapt ran")))
+    monkeypatch.setitem(graph.STAGES, "caption", dataclasses.replace(graph.STAGES["caption"], run=fake_caption_stage))
+    monkeypatch.setitem(graph.STAGES, "adapt", dataclasses.replace(graph.STAGES["adapt"],
+                                                                   run=lambda *a: pytest.fail("adapt ran")))
     done = pipeline.run_method_stages(cfg, "the-foundation")
     assert calls == ["the-foundation"] and list(done) == ["caption"]
     names = [f"class{c}" for c in range(10)]
-    context = get_method("toy_grey").plan_context(cfg, names, done)
+    context = get_method("toy_grey").plan_context(cfg, names, graph.plan_artifacts(cfg, done))
     # A synthesis actor (called here without Ray) plans a shard with the method and generates it.
     dataset = tmp_path / "data"
     actor = ShardGenerator("unused", cfg.synthesis.model_dump(mode="json"), names, cfg.run.seed, str(dataset), "toy",
@@ -145,15 +143,17 @@ def test_the_pipeline_stages_plans_and_generates_a_registered_method(toy, tmp_pa
     assert [s["key"] for s in samples] == [f"{i:010d}" for i in range(12)]
     assert [s["cls"] for s in samples] == [i % 10 for i in range(12)]
     assert all(int(s["image"].mean()) == 20 * (s["cls"] + 1) for s in samples)
-    assert samples[3]["meta"]["prompt"] == "class3: item 3" and samples[3]["meta"]["method"] == "toy_grey"
+    first_of_class_3 = int(np.flatnonzero(labels == 3)[0])  # the caption stage's artifact, read by class
+    assert samples[3]["meta"]["prompt"] == f"class3: item {first_of_class_3}" and samples[3]["meta"]["method"] == "toy_grey"
 
 
 def test_a_need_no_stage_produces_fails_before_work(monkeypatch, tmp_path):
     from synthset import pipeline
+    from synthset.stages import graph
 
     monkeypatch.setattr(methods, "REGISTRY", dict(methods.REGISTRY))
     methods.register(dataclasses.replace(TOY, name="toy_embedded", needs=("embeddings",)))
-    monkeypatch.delitem(pipeline.GENERATION_STAGES, "embed")  # a pipeline without the stage that embeds
+    monkeypatch.delitem(graph.STAGES, "embed")  # a pipeline without the stage that embeds
     cfg = load_config(TINY, ["synthesis.method=toy_embedded", f"output.root={tmp_path}"])
     with pytest.raises(ValueError, match=r"synthesis.method='toy_embedded' needs embeddings"):
         pipeline.describe(cfg)

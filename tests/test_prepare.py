@@ -95,8 +95,8 @@ def test_prepared_splits_equal_the_source_splits_byte_for_byte(tmp_path, shift):
 
 
 def test_the_source_is_read_once_and_never_again(tmp_path, count_reads):
-    from synthset.eval.membership import candidate_pool
-    from synthset.eval.report import evaluate_classifiers
+    from synthset.stages.privacy import candidate_pool
+    from synthset.stages.report import evaluate_classifiers
     from synthset.pipeline import validate_inputs
 
     cfg = _config(tmp_path, source="digits", image_size=16, splits={"public": 600, "private": 400, "holdout": 20})

@@ -1,4 +1,4 @@
-"""Figures over training seeds (eval/seed_stats.py), the error-bar trade-off plot (eval/plots.py) and the
+"""Figures over training seeds (eval/seed_stats.py), the error-bar trade-off plot (plots.py) and the
 shadow sets shared across training seeds (stages/privacy.py: without_training_seeds)."""
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from synthset.config import load_config
-from synthset.eval.plots import errorbar_series, save_tradeoff_errorbars
+from synthset.plots import errorbar_series, save_tradeoff_errorbars
 from synthset.eval.seed_stats import aggregate_seeds, format_mean_se, mean_se, seed_rows
 
 

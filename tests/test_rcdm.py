@@ -417,18 +417,19 @@ def test_pipeline_with_rcdm_writes_filtered_shards_and_counts(tmp_path):
 
 
 def _rcdm_generation(cfg) -> dict:
-    """embed → rcdm_generator → synthesis → rcdm_filter of ``cfg`` through the pipeline's stage runners
-    (``pipeline.run_generation`` less the foundation model, which RCDM does not read); {stage: summary}."""
+    """embed → rcdm_generator → synthesis → rcdm_filter of ``cfg`` through the stage graph's runners
+    (``stages.graph.run_generation`` less the foundation model, which RCDM does not read); {stage: summary}."""
     from synthset.methods import get_method
-    from synthset.pipeline import run_method_stages
+    from synthset.stages.graph import STAGES, plan_artifacts, run_method_stages
     from synthset.stages.prepare import load_splits
     from synthset.stages.synthesize import run_synthesis
 
     names = load_splits(cfg).class_names
     done = run_method_stages(cfg, None)
     method = get_method("rcdm")
-    synthesis = run_synthesis(cfg, done["generator"]["model"], names, context=method.plan_context(cfg, names, done))
-    filtered = method.after_synthesis(cfg, synthesis, done, True, None)
+    synthesis = run_synthesis(cfg, done["generator"]["model"], names,
+                              context=method.plan_context(cfg, names, plan_artifacts(cfg, done)))
+    filtered = STAGES[method.after_synthesis].run(cfg, None, {**done, "synthesis": synthesis}, True, None)
     return {**done, "synthesis": synthesis, "filtered": filtered}
 
 
@@ -447,7 +448,8 @@ def test_rcdm_stages_write_to_an_object_store_what_they_write_to_local_disk(tmp_
 
     from synthset.config import load_config
     from synthset.data.shards import iter_shard, read_manifest
-    from synthset.stages.embed import embed_dir, read_embeddings
+    from synthset.models.encoders import read_embeddings
+    from synthset.stages.embed import embed_dir
     from synthset.stages.rcdm import generator_dir
 
     configs = [load_config(ROOT / "conf" / "tiny.yaml", [f"output.root={root}", *TINY_RCDM])

@@ -1,4 +1,4 @@
-"""The faithful ``pipeline`` shadow of a LoRA method (eval/shadow_generation.py, stages/privacy.py:
+"""The faithful ``pipeline`` shadow of a LoRA method (stages/shadow_generation.py, stages/privacy.py:
 train_shadow_regenerate): re-adapt on exactly the half, re-generate as many images as the target's
 set, seeded; the ``auto`` rule; the refusals before any work; and the hashes of configs that do not
 adapt. Digits at 8×8 with an untrained tiny foundation model: a shadow takes about a second."""
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from synthset.config import load_config, pipeline_generation, stage_hash
-from synthset.eval.membership import candidate_pool
-from synthset.eval.shadow_generation import regenerate_synthetic_set
+from synthset.stages.privacy import candidate_pool
+from synthset.stages.shadow_generation import regenerate_synthetic_set
 from synthset.stages import adapt as adapt_stage
 from synthset.stages import privacy as privacy_stage
 

@@ -1,8 +1,8 @@
 """The whole pipeline from one config: prepare → foundation → Teacher → [caption → adapt] → synthesis → label → Students.
 
-The stages in brackets are those the generation method needs (``methods.method_stages``: its
-module declares captions, LoRAs, …), run in the registry's order; ``GENERATION_STAGES`` says
-how each is run. Every stage writes under ``<output.root>/<stage>/<stage hash>/`` and is
+The stages in brackets are those the generation method needs (its module declares captions, LoRAs,
+embeddings, a generator, a step after synthesis), walked by ``stages/graph.py``, the one place that
+declares the generation stages and their order. Every stage writes under ``<output.root>/<stage>/<stage hash>/`` and is
 skipped when its output already exists for the same hash, so rerunning does no duplicate work. ``validate_inputs``
 checks everything that can be checked cheaply (config, dataset files, model paths) before Ray
 starts or any model is built.
@@ -18,6 +18,9 @@ from synthset import storage
 from synthset.config import Config, config_hash
 from synthset.stages.common import output_root
 from synthset.stages.foundation import check_foundation_path
+from synthset.stages.graph import generation_stages, run_generation, run_method_stages, stage_dirs
+
+__all__ = ["validate_inputs", "describe", "run_pipeline", "run_generation", "run_method_stages", "format_summary"]
 
 
 def validate_inputs(cfg: Config, prepare: bool = True) -> list[str]:
@@ -64,105 +67,6 @@ def _check_method(cfg: Config, private_labels, class_names: list[str]) -> None:
         method.check(cfg, private_labels, class_names)
 
 
-def _caption_dir(cfg: Config):
-    from synthset.stages.caption import caption_dir
-
-    return caption_dir(cfg)
-
-
-def _run_caption(cfg: Config, model: str, done: dict, resume: bool, tracker) -> dict:
-    from synthset.stages.caption import run_caption
-
-    return run_caption(cfg, "private", resume, tracker)
-
-
-def _adapt_dir(cfg: Config):
-    from synthset.stages.adapt import adapt_dir
-
-    return adapt_dir(cfg)
-
-
-def _run_adapt(cfg: Config, model: str, done: dict, resume: bool, tracker) -> dict:
-    from synthset.stages.adapt import run_adapt
-
-    caption = done.get("caption")
-    return run_adapt(cfg, model, caption["captions"] if caption else None, resume, tracker)
-
-
-# The stages that produce what methods need (``methods.NEEDS``), in pipeline order: name → (its
-# StageDir for a config, its runner ``(cfg, foundation model, summaries of the stages before it,
-# resume, tracker) -> summary``).
-GENERATION_STAGES = {"caption": (_caption_dir, _run_caption), "adapt": (_adapt_dir, _run_adapt)}
-
-
-def _embed_dir(cfg: Config):
-    from synthset.stages.embed import embed_dir
-
-    return embed_dir(cfg)
-
-
-def _run_embed(cfg: Config, model: str, done: dict, resume: bool, tracker) -> dict:
-    from synthset.stages.embed import run_embed
-
-    return run_embed(cfg, resume, tracker)
-
-
-def _method_generator(cfg: Config):
-    from synthset.methods import get_method
-
-    stage = get_method(cfg.synthesis.method).generator
-    if stage is None:
-        raise ValueError(f"synthesis.method={cfg.synthesis.method!r} declares no generator stage (Method.generator)")
-    return stage
-
-
-# RCDM: the embeddings of the private images; a method's own generator, trained by the stage it declares.
-GENERATION_STAGES["embed"] = (_embed_dir, _run_embed)
-GENERATION_STAGES.setdefault("generator", (lambda cfg: _method_generator(cfg)[0](cfg),
-                                           lambda cfg, *args: _method_generator(cfg)[1](cfg, *args)))
-
-
-def generation_stages(cfg: Config) -> tuple[str, ...]:
-    """The stages ``synthesis.method`` needs before synthesis, in order; a need no stage meets is an error."""
-    from synthset.methods import NEEDS, method_stages
-
-    stages = method_stages(cfg.synthesis.method)
-    missing = [need for need, stage in NEEDS.items() if stage in stages and stage not in GENERATION_STAGES]
-    if missing:
-        raise ValueError(f"synthesis.method={cfg.synthesis.method!r} needs {', '.join(missing)}, which no stage "
-                         f"of this pipeline produces (stages: {', '.join(GENERATION_STAGES)})")
-    return stages
-
-
-def run_method_stages(cfg: Config, model: str, resume: bool = True, tracker=None,
-                      until: str | None = None) -> dict[str, dict]:
-    """Run the stages the method needs (through ``until``, if given); {stage name: summary}."""
-    done: dict[str, dict] = {}
-    for stage in generation_stages(cfg):
-        done[stage] = GENERATION_STAGES[stage][1](cfg, model, done, resume, tracker)
-        if stage == until:
-            break
-    return done
-
-
-def run_generation(cfg: Config, class_names: list[str], resume: bool = True, tracker=None) -> dict:
-    """The method's whole generation path: the stages it needs ([caption] → [adapt]) → plan → shards."""
-    from synthset.methods import get_method
-    from synthset.stages.foundation import foundation_model_path
-    from synthset.stages.synthesize import run_synthesis
-
-    method, model = get_method(cfg.synthesis.method), foundation_model_path(cfg)
-    done = run_method_stages(cfg, model, resume, tracker)
-    context = method.plan_context(cfg, class_names, done)
-    loras = done["adapt"]["loras"] if "adapt" in done else None
-    if "generator" in done:  # a method with its own generator synthesises with it
-        model = done["generator"]["model"]
-    summary = run_synthesis(cfg, model, class_names, resume, tracker, context, loras)
-    if method.after_synthesis is not None:  # e.g. RCDM's filter: the label stage reads what it returns
-        summary = method.after_synthesis(cfg, summary, done, resume, tracker)
-    return {**summary, **{stage: done.get(stage) for stage in GENERATION_STAGES}}
-
-
 def describe(cfg: Config) -> dict:
     """The resolved config with the hash and output directory of every stage (for --dry-run)."""
     from synthset.stages.classifier import student_dir, teacher_dir
@@ -170,7 +74,7 @@ def describe(cfg: Config) -> dict:
     from synthset.stages.synthesize import label_dir, synthesis_dir
 
     dirs = {"foundation": foundation_dir(cfg), "teacher": teacher_dir(cfg),
-            **{stage: GENERATION_STAGES[stage][0](cfg) for stage in generation_stages(cfg)},
+            **stage_dirs(cfg),
             "synthesis": synthesis_dir(cfg),
             "label": label_dir(cfg), **{f"student-{l}": student_dir(cfg, l) for l in cfg.student.labels}}
     from synthset.stages.evaluate import evaluate_dir, replication_dir
@@ -235,7 +139,7 @@ def run_pipeline(cfg: Config, resume: bool = True) -> dict:
                 ("gen_", "replication_", "lira_"))}} if evaluation else {}),
             "stage_seconds": {name: round(st.get("seconds", 0.0), 1) for name, st in
                               [("foundation", foundation), ("teacher", teacher),
-                               *[(name, synthesis[name]) for name in GENERATION_STAGES if synthesis.get(name)],
+                               *[(name, synthesis[name]) for name in generation_stages(cfg) if synthesis.get(name)],
                                ("synthesis", synthesis),
                                ("label", label), *[(f"student-{k}", v) for k, v in students.items()],
                                ("evaluate", evaluation)]},

@@ -492,7 +492,7 @@ def load_file_cpu(path: str) -> dict[str, torch.Tensor]:
 
 
 def _save_grid(state: TrainState, data: TrainingSet, config: dict, device) -> None:
-    from synthset.eval.plots import save_class_grid
+    from synthset.plots import save_class_grid
 
     net = config["objective"].build(config["network_config"])
     net.load_state_dict(state.ema_state())

@@ -27,24 +27,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from synthset.config import Config, PrivacyConfig
+from synthset.config import PrivacyConfig
 from synthset.eval.lira import (lira_leave_one_out, lira_offline, lira_online, lira_statistic, roc_curve,
                                 roc_metrics)
-
-
-def candidate_pool(cfg: Config) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
-    """(uint8 images (P, S, S) at data.image_size, labels (P,), num_private, class names) of the pool.
-
-    Pool = the private training split, then the holdout (if any): index i < num_private is
-    ``splits.private[i]``, the others ``splits.holdout[i − num_private]``.
-    """
-    from synthset.stages.prepare import load_splits
-
-    splits = load_splits(cfg)
-    parts = [splits.private] + ([splits.holdout] if splits.holdout is not None else [])
-    images = np.concatenate([p.read(size=cfg.data.image_size) for p in parts])
-    labels = np.concatenate([p.labels for p in parts])
-    return images, labels, len(splits.private), splits.class_names
 
 
 def draw_candidates(num_private: int, privacy: PrivacyConfig, num_holdout: int = 0) -> np.ndarray:

@@ -13,7 +13,7 @@ seeds ± its standard error s / √n (s the sample standard deviation, ddof = 1)
   {mean, se, n, values}; a group must hold one row per seed, each seed once.
 * ``format_mean_se``: "0.612 ± 0.008" for tables.
 
-Driver: ``benchmarks/privacy_seeds.py``; the error-bar plot: ``eval/plots.py: save_tradeoff_errorbars``;
+Driver: ``benchmarks/privacy_seeds.py``; the error-bar plot: ``plots.py: save_tradeoff_errorbars``;
 tests: ``tests/test_privacy_seeds.py``.
 """
 

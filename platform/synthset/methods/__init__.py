@@ -11,16 +11,18 @@ A method module (``class_prompt.py``, ``caption_prompt.py``, ``tckr.py``, ``data
   they are left out of every other method's stage hashes (``method_only_settings``,
   ``config.stage_hash``). The ``adapt`` section counts as read by every method with LoRAs.
 - ``plan_context(cfg, class_names, artifacts)``: the ``PlanContext`` its planning needs, built
-  from the summaries of the stages it needs (``artifacts["caption"]``, ``artifacts["adapt"]``).
+  from what the stages it needs wrote, as each stage reads it (``stages/graph.py``, ``Stage.read``):
+  ``artifacts["caption"]`` (class id → [(private position, caption)]), ``artifacts["adapt"]`` (the LoRA
+  table), else a stage's summary.
 - ``plan_requests(start, stop, run_seed, context)``: the request rows of images start … stop-1,
   a pure function of (run seed, index) and the context (``methods.plan``), so every method shares
   resume, determinism and prefix semantics.
 - ``load_generator(model_path, loras, synthesis, device, dtype)``: its generator, loaded once per
   synthesis actor; ``generate_batch(generator, requests, synthesis)``: uint8 images of a batch.
 - ``check(cfg, private_labels, class_names)`` (optional): what can be checked before any work.
-- ``generator`` (optional): (StageDir function, runner) of the stage that trains its own generator,
-  run by the pipeline's ``generator`` stage; ``after_synthesis`` (optional): a step on the written
-  shards before labelling (RCDM's filter).
+- ``generator`` (optional): the name of the stage of the graph (``stages/graph.py``, ``STAGES``) that
+  trains its own generator; ``after_synthesis`` (optional): the name of a stage run on the written
+  shards before labelling (RCDM's filter). A method names stages; it never imports ``stages/``.
 
 Method modules are found on import (``pkgutil``): adding a method is adding one file here (plus
 its algorithm in ``diffusion/`` or ``lora/``); the config's choices for ``synthesis.method``, the
@@ -41,8 +43,8 @@ if TYPE_CHECKING:
 
     from synthset.config import Config
 
-# What a method may need before generating, in the order the pipeline produces it, with the stage
-# that produces it (``pipeline.GENERATION_STAGES`` holds the stages built so far).
+# What a method may need before generating, in the order the pipeline produces it, with the role of the
+# stage that produces it (``stages/graph.py`` declares the stages; "generator" is the one the method names).
 NEEDS = {"captions": "caption", "embeddings": "embed", "loras": "adapt", "generator": "generator"}
 LORAS_PER = ("dataset", "class", "image")
 
@@ -117,14 +119,12 @@ class Method:
     reads: tuple[str, ...] = ()
     lora: LoraAdaptation | None = None
     check: Callable[[Config, np.ndarray, list[str]], None] | None = None
-    # A method that trains its own generator (needs "generator") may declare that stage here:
-    # (its StageDir for a config, its runner ``(cfg, foundation model, summaries of the stages before
-    # it, resume, tracker) -> summary`` with ``"model"``, the directory synthesis loads).
-    generator: tuple[Callable, Callable] | None = None
-    # A step between synthesis and labelling (RCDM's centroid-band filter):
-    # ``(cfg, synthesis summary, summaries of the method's stages, resume, tracker) -> summary`` whose
-    # ``dataset`` the label stage reads.
-    after_synthesis: Callable[..., dict] | None = None
+    # A method that trains its own generator (needs "generator") names the graph's stage that trains it; its
+    # summary's ``"model"`` is the directory synthesis loads.
+    generator: str | None = None
+    # A stage of the graph between synthesis and labelling (RCDM's centroid-band filter); its summary's
+    # ``dataset`` is what the label stage reads.
+    after_synthesis: str | None = None
 
     def __post_init__(self):
         unknown = [n for n in self.needs if n not in NEEDS]
@@ -132,6 +132,9 @@ class Method:
             raise ValueError(f"method {self.name!r}: unknown needs {unknown} (choose from {', '.join(NEEDS)})")
         if ("loras" in self.needs) != (self.lora is not None):
             raise ValueError(f"method {self.name!r}: needs 'loras' exactly when it declares its LoRAs (lora=...)")
+        if ("generator" in self.needs) != (self.generator is not None):
+            raise ValueError(f"method {self.name!r}: needs 'generator' exactly when it names its generator's stage "
+                             "(generator='<stage>')")
         if self.lora is not None and self.lora.prompt == "caption" and "captions" not in self.needs:
             raise ValueError(f"method {self.name!r}: trains LoRAs on caption prompts, so it needs 'captions'")
 

@@ -31,10 +31,8 @@ def plan_requests(start: int, stop: int, run_seed: int, context) -> list[dict]:
 
 
 def plan_context(cfg, class_names: list[str], artifacts: dict):
-    """Every captioned private image, by class (``artifacts["caption"]``: the caption stage's summary)."""
-    from synthset.stages.caption import captions_by_class
-
-    return base_context(cfg, class_names, captions=captions_by_class(cfg, artifacts["caption"]["captions"]))
+    """Every captioned private image, by class (``artifacts["caption"]``: what the caption stage's artifact reads as)."""
+    return base_context(cfg, class_names, captions=artifacts["caption"])
 
 
 METHOD = Method(NAME, needs=("captions",), reads=("synthesis.caption_template",),

@@ -91,10 +91,28 @@ def generate_batch(generator: dict, requests: list[dict], synthesis):
     return to_uint8(x)
 
 
+def uses_pool(cfg) -> bool:
+    return cfg.synthesis.casd.variant in ("casd", "sda")
+
+
+def check_pool(cfg) -> None:
+    """casd and sda need a pool: ``pool.path`` (which must hold a manifest) or ``pool.method``."""
+    from synthset import storage
+
+    pool = cfg.synthesis.casd.pool
+    if not uses_pool(cfg):
+        return
+    if pool.path is None and pool.method is None:
+        raise ValueError(f"synthesis.casd.pool.path: variant {cfg.synthesis.casd.variant!r} trains on a synthetic "
+                         "pool; set pool.path (a synthset dataset) or pool.method (generate one first)")
+    if pool.path is not None and not storage.exists_or_explain(storage.join(pool.path, "manifest.json"),
+                                                             "synthesis.casd.pool.path"):
+        raise FileNotFoundError(f"synthesis.casd.pool.path: {storage.join(pool.path, 'manifest.json')} not found "
+                                "(expected a complete synthset dataset)")
+
+
 def check(cfg, private_labels, class_names: list[str]) -> None:
     """Before any work: the sampler's steps, the output size, the pool, and enough private images per class."""
-    from synthset.stages.generator import check_pool
-
     syn, casd = cfg.synthesis, cfg.synthesis.casd
     if syn.num_inference_steps < 2:
         raise ValueError(f"synthesis.num_inference_steps: casd's Heun sampler needs >= 2 steps, got "
@@ -114,18 +132,6 @@ def check(cfg, private_labels, class_names: list[str]) -> None:
     check_pool(cfg)
 
 
-def _generator_dir(cfg):
-    from synthset.stages.generator import generator_dir
-
-    return generator_dir(cfg)
-
-
-def _train_generator(cfg, model: str, done: dict, resume: bool, tracker) -> dict:
-    from synthset.stages.generator import run_generator
-
-    return run_generator(cfg, model, done, resume, tracker)
-
-
 METHOD = Method(NAME, plan_requests=plan_requests, plan_context=plan_context, load_generator=load_generator,
                 generate_batch=generate_batch, needs=("generator",), reads=("synthesis.casd",), check=check,
-                generator=(_generator_dir, _train_generator))
+                generator="casd_generator")

@@ -7,7 +7,7 @@ Each request uses its class's LoRA at weight 1 (LoFT's baseline table; DataDream
 from __future__ import annotations
 
 from synthset.methods import LoraAdaptation, Method, base_context, text_to_image
-from synthset.methods.plan import class_for_index, derive_seed, image_key
+from synthset.methods.plan import class_for_index, derive_seed, image_key, loras_by_class
 
 NAME = "datadream"
 
@@ -27,9 +27,7 @@ def plan_requests(start: int, stop: int, run_seed: int, context) -> list[dict]:
 
 
 def plan_context(cfg, class_names: list[str], artifacts: dict):
-    from synthset.stages.adapt import loras_by_class, read_lora_table
-
-    return base_context(cfg, class_names, loras=loras_by_class(read_lora_table(artifacts["adapt"]["table"])))
+    return base_context(cfg, class_names, loras=loras_by_class(artifacts["adapt"]))
 
 
 METHOD = Method(NAME, needs=("loras",), lora=LoraAdaptation(per="class", rank=16, lr=1e-4, targets="attention"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from synthset.methods import LoraAdaptation, Method, base_context, text_to_image
-from synthset.methods.plan import class_for_index, derive_seed, image_key
+from synthset.methods.plan import class_for_index, derive_seed, image_key, loras_by_class
 
 NAME = "loft"
 _FUSION_STREAM = 0x10F7  # separates the pair/λ draws from the initial-noise stream of the same seed
@@ -57,9 +57,7 @@ def plan_requests(start: int, stop: int, run_seed: int, context) -> list[dict]:
 
 def plan_context(cfg, class_names: list[str], artifacts: dict):
     """The per-image LoRAs of each class, from the adapt stage's table."""
-    from synthset.stages.adapt import loras_by_class, read_lora_table
-
-    return base_context(cfg, class_names, loras=loras_by_class(read_lora_table(artifacts["adapt"]["table"])))
+    return base_context(cfg, class_names, loras=loras_by_class(artifacts["adapt"]))
 
 
 def check(cfg, private_labels, class_names: list[str]) -> None:

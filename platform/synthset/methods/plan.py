@@ -29,3 +29,20 @@ def shard_ranges(total: int, shard_size: int) -> list[tuple[int, int, int]]:
     """(shard index, start, stop) covering ``range(total)`` in fixed-size shards."""
     return [(i, start, min(start + shard_size, total))
             for i, start in enumerate(range(0, total, shard_size))]
+
+
+# The adapt stage's LoRA table (``stages/adapt.py::lora_table``), read for planning.
+def loras_by_class(table: dict) -> dict[int, list[int]]:
+    """Class id → the ids of that class's LoRAs (DataDream: one; LoFT: one per real image)."""
+    loras: dict[int, list[int]] = {}
+    for lora in table["loras"]:
+        loras.setdefault(lora["class_id"], []).append(lora["id"])
+    return loras
+
+
+def shot_captions_by_class(table: dict) -> dict[int, list[tuple[int, str]]]:
+    """Class id → [(private position, caption)] of the images the LoRAs were adapted on (TCKR)."""
+    captions: dict[int, list[tuple[int, str]]] = {}
+    for shot in table["shots"]:
+        captions.setdefault(shot["class_id"], []).append((shot["private_position"], shot["caption"]))
+    return captions

@@ -45,7 +45,7 @@ def load_generator(model_path: str, loras, synthesis, device: str, dtype):
 
     from synthset import storage
     from synthset.diffusion.rcdm import load_denoiser
-    from synthset.stages.embed import read_embeddings
+    from synthset.models.encoders import read_embeddings
 
     model, meta = load_denoiser(storage.materialize(model_path), device)
     if dtype is not None:
@@ -95,7 +95,7 @@ def check(cfg, private_labels, class_names: list[str]) -> None:
     """Before any work: the encoder exists, every class has real images, the filter keeps some of each."""
     import numpy as np
 
-    from synthset.stages.embed import check_encoder
+    from synthset.models.encoders import check_encoder
 
     rc = cfg.synthesis.rcdm
     check_encoder(rc.embed.encoder)
@@ -109,29 +109,6 @@ def check(cfg, private_labels, class_names: list[str]) -> None:
                              f"of {n} per class (synthesis.images_per_class)")
 
 
-def _generator_dir(cfg):
-    from synthset.stages.rcdm import generator_dir
-
-    return generator_dir(cfg)
-
-
-def _train_generator(cfg, model: str, done: dict, resume: bool, tracker) -> dict:
-    from synthset.stages.rcdm import run_rcdm_generator
-
-    return run_rcdm_generator(cfg, done["embed"], resume, tracker)
-
-
-def after_synthesis(cfg, synthesis: dict, done: dict, resume: bool, tracker) -> dict:
-    """With ``synthesis.rcdm.filter.enabled``: the centroid-band filter's dataset replaces the synthesis one."""
-    if not cfg.synthesis.rcdm.filter.enabled:
-        return synthesis
-    from synthset.stages.rcdm import run_rcdm_filter
-
-    filtered = run_rcdm_filter(cfg, synthesis, done["embed"], resume, tracker)
-    return {**synthesis, "dataset": filtered["dataset"], "num_samples": filtered["num_samples"],
-            "unfiltered_dataset": synthesis["dataset"], "filter": filtered["filter"]}
-
-
 METHOD = Method(NAME, plan_requests=plan, plan_context=plan_context, load_generator=load_generator,
                 generate_batch=generate_batch, needs=("embeddings", "generator"), reads=("synthesis.rcdm",),
-                check=check, generator=(_generator_dir, _train_generator), after_synthesis=after_synthesis)
+                check=check, generator="rcdm_generator", after_synthesis="rcdm_filter")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from synthset.methods import LoraAdaptation, Method, base_context, text_to_image
 from synthset.methods.caption_prompt import caption_request
+from synthset.methods.plan import shot_captions_by_class
 
 NAME = "tckr"
 
@@ -27,10 +28,7 @@ def plan_requests(start: int, stop: int, run_seed: int, context) -> list[dict]:
 
 def plan_context(cfg, class_names: list[str], artifacts: dict):
     """The captions of the images the LoRA was adapted on, and the one dataset LoRA under every class."""
-    from synthset.stages.adapt import read_lora_table, shot_captions_by_class
-
-    table = read_lora_table(artifacts["adapt"]["table"])
-    return base_context(cfg, class_names, captions=shot_captions_by_class(table),
+    return base_context(cfg, class_names, captions=shot_captions_by_class(artifacts["adapt"]),
                         loras={c: [0] for c in range(len(class_names))})
 
 

@@ -7,7 +7,13 @@ same features everywhere.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
+
+from synthset import storage
+
+# The embed stage's own small CNN, trained on the public split (``stages/embed.py``).
+PUBLIC_CNN = "public_cnn"
 
 
 def feature_extractor(spec: str, teacher=None, device: str = "cpu") -> Callable:
@@ -46,3 +52,24 @@ def feature_extractor(spec: str, teacher=None, device: str = "cpu") -> Callable:
         return (pooled if pooled is not None else out.last_hidden_state[:, 0]).flatten(1)
 
     return embed
+
+
+def check_encoder(spec: str) -> None:
+    """A local encoder path must hold a transformers model (``config.json``): fail before any work."""
+    if spec == PUBLIC_CNN:
+        return
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith(("/", ".", "~")):
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"synthesis.rcdm.embed.encoder: {path / 'config.json'} not found "
+                                    f"(expected a transformers image model directory, a hub id, or '{PUBLIC_CNN}')")
+
+
+def read_embeddings(uri: str) -> dict:
+    """The arrays (name → numpy array) of an embed stage's ``embeddings.safetensors`` (a local path or an
+    object-store URI)."""
+    from safetensors.numpy import load, load_file
+
+    if storage.is_local(uri):
+        return load_file(storage.local_path(uri))
+    return load(storage.read_bytes(uri))

@@ -277,19 +277,3 @@ def lora_table(cfg: Config, class_names: list[str], settings: dict, owner: np.nd
 def read_lora_table(uri: str) -> dict:
     """The ``loras.json`` table the adapt stage wrote (``lora_table``)."""
     return storage.read_json(uri)
-
-
-def loras_by_class(table: dict) -> dict[int, list[int]]:
-    """Class id → the ids of that class's LoRAs (DataDream: one; LoFT: one per real image)."""
-    loras: dict[int, list[int]] = {}
-    for lora in table["loras"]:
-        loras.setdefault(lora["class_id"], []).append(lora["id"])
-    return loras
-
-
-def shot_captions_by_class(table: dict) -> dict[int, list[tuple[int, str]]]:
-    """Class id → [(private position, caption)] of the images the LoRAs were adapted on (TCKR)."""
-    captions: dict[int, list[tuple[int, str]]] = {}
-    for shot in table["shots"]:
-        captions.setdefault(shot["class_id"], []).append((shot["private_position"], shot["caption"]))
-    return captions

@@ -35,7 +35,7 @@ def _train_loop(config: dict) -> None:
     from synthset import storage
     from synthset.data.splits import write_splits
     from synthset.eval.classification import classification_report
-    from synthset.eval.plots import save_confusion_matrix
+    from synthset.plots import save_confusion_matrix
     from synthset.models.classifiers import build_classifier, save_classifier
     from synthset.models.training import classifier_batches, fit_classifier, predict_split
 

@@ -18,7 +18,7 @@ RCDM's "private set", what its generator trains on and is conditioned on). Write
 int64, ``position`` (N,) positions in the private split, ``index`` (N,) the source's indices) and, for ``public_cnn``, the
 encoder under ``encoder/`` (safetensors). Nothing is pickled. Skipped when complete for the same hash.
 With an object-store ``output.root`` both are written to a local temporary directory and uploaded before
-``_SUCCESS.json``; readers take them by URI (``read_embeddings``, ``encoder_function``).
+``_SUCCESS.json``; readers take them by URI (``models.encoders.read_embeddings``, ``encoder_function``).
 
 Run it alone: ``python jobs/pipeline.py --config conf/rcdm.yaml`` runs it before the generator.
 """
@@ -36,25 +36,14 @@ import numpy as np
 
 from synthset import storage
 from synthset.config import ClassifierConfig, Config
+from synthset.models.encoders import PUBLIC_CNN, check_encoder
 from synthset.stages.common import StageDir
 
-PUBLIC_CNN = "public_cnn"
 EMBEDDINGS = "embeddings.safetensors"
 
 
 def embed_dir(cfg: Config) -> StageDir:
     return StageDir.for_config(cfg, "embed")
-
-
-def check_encoder(spec: str) -> None:
-    """A local encoder path must hold a transformers model (``config.json``): fail before any work."""
-    if spec == PUBLIC_CNN:
-        return
-    path = Path(spec).expanduser()
-    if path.exists() or spec.startswith(("/", ".", "~")):
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"synthesis.rcdm.embed.encoder: {path / 'config.json'} not found "
-                                    f"(expected a transformers image model directory, a hub id, or '{PUBLIC_CNN}')")
 
 
 def encoder_function(spec: str, device: str = "cpu") -> Callable:
@@ -168,12 +157,3 @@ def run_embed(cfg: Config, resume: bool = True, tracker=None) -> dict:
     if tracker is not None:
         tracker.log_stage("embed", cfg, metrics={"embed_dim": emb.shape[1], "embed_count": len(emb)})
     return summary
-
-
-def read_embeddings(uri: str) -> dict[str, np.ndarray]:
-    """The arrays of an embed stage's ``embeddings.safetensors`` (a local path or an object-store URI)."""
-    from safetensors.numpy import load, load_file
-
-    if storage.is_local(uri):
-        return load_file(storage.local_path(uri))
-    return load(storage.read_bytes(uri))

@@ -345,7 +345,7 @@ def run_evaluate(cfg: Config, resume: bool = True, tracker=None) -> dict:
     Needs the Teacher, the labelled dataset and the Students of this config (run the pipeline first).
     Ray must be initialised when ``privacy.enabled`` (shadows are Ray tasks).
     """
-    from synthset.eval.report import write_report
+    from synthset.stages.report import write_report
     from synthset.models.classifiers import load_classifier
     from synthset.stages.classifier import student_dir, teacher_dir
     from synthset.stages.synthesize import dataset_sample_grid, label_dir

@@ -60,7 +60,7 @@ def _pretrain_loop(config: dict) -> None:
     from synthset.config import Config
     from synthset.data.splits import UnitImages, write_splits
     from synthset.diffusion.text_to_image import encode_latents, train_unet, train_vae
-    from synthset.eval.plots import save_class_grid, save_curves
+    from synthset.plots import save_class_grid, save_curves
     from synthset.diffusion.text_to_image import caption_prompts
     from synthset.diffusion.text_to_image_sampler import generate_batch
     from synthset.methods.class_prompt import plan_requests

@@ -28,7 +28,7 @@ Shadow modes (``privacy.shadow_modes``), one shadow set each:
   - ``regenerate`` (``train_shadow_regenerate``; set ``pipeline-regenerate-<labels>``): a LoRA method
     (TCKR, DataDream, LoFT) adapted its generator to the private data, so the shadow first re-adapts
     the LoRAs on the half and generates a new set of ``synthesis.images_per_class`` per class from them
-    (``eval/shadow_generation.py``), then the Teacher and Student recipes as above: the faithful attack,
+    (``stages/shadow_generation.py``), then the Teacher and Student recipes as above: the faithful attack,
     ``auto``'s choice for LoRA methods. It needs the foundation model the adapt stage started from
     (``foundation.path`` or the foundation stage's output), checked before any shadow trains.
 
@@ -56,7 +56,7 @@ import numpy as np
 from synthset import storage
 from synthset.config import ClassifierConfig, Config, PrivacyConfig, stage_hash
 from synthset.eval.lira import keep_matrix, plot_roc_loglog
-from synthset.eval.membership import (candidate_pool, candidate_record, draw_candidates, membership_accuracy,
+from synthset.eval.membership import (candidate_record, draw_candidates, membership_accuracy,
                                       query_logits, score_shadows, score_target, shadow_seed, shadow_train_index)
 from synthset.eval.shadow_training import classifier_shadow_logits, pipeline_shadow_logits, shadow_recipe
 from synthset.stages.common import StageDir, output_root
@@ -67,6 +67,21 @@ __all__ = ["run_privacy", "run_lira", "train_classifier_shadows", "shadow_dir", 
 # trained on pool[train_index], queried on the augmented views of pool[query_index]; ``pool`` is
 # ``candidate_pool``'s tuple (None: the trainer reads it).
 ShadowTrainer = Callable[..., np.ndarray]
+
+
+def candidate_pool(cfg: Config) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
+    """(uint8 images (P, S, S) at data.image_size, labels (P,), num_private, class names) of the pool.
+
+    Pool = the private training split, then the holdout (if any): index i < num_private is
+    ``splits.private[i]``, the others ``splits.holdout[i − num_private]``.
+    """
+    from synthset.stages.prepare import load_splits
+
+    splits = load_splits(cfg)
+    parts = [splits.private] + ([splits.holdout] if splits.holdout is not None else [])
+    images = np.concatenate([p.read(size=cfg.data.image_size) for p in parts])
+    labels = np.concatenate([p.labels for p in parts])
+    return images, labels, len(splits.private), splits.class_names
 
 
 def shadow_dir(cfg: Config, privacy: PrivacyConfig, mode: str = "classifier", extra=None) -> StageDir:
@@ -179,7 +194,7 @@ def train_shadow_regenerate(cfg: Config, privacy: PrivacyConfig, train_index: np
     import torch
 
     from synthset.data.splits import to_unit_tensor
-    from synthset.eval.shadow_generation import regenerate_synthetic_set
+    from synthset.stages.shadow_generation import regenerate_synthetic_set
     from synthset.stages.foundation import foundation_model_path
 
     images, pool_labels, _, names = _pool(cfg, pool)

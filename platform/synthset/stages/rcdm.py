@@ -78,8 +78,8 @@ def run_rcdm_generator(cfg: Config, embed: dict, resume: bool = True, tracker=No
 
     from synthset.diffusion.generator_training import TrainingSet
     from synthset.diffusion.rcdm import DDPM, build_denoiser, save_denoiser
-    from synthset.eval.plots import save_curves
-    from synthset.stages.embed import read_embeddings
+    from synthset.plots import save_curves
+    from synthset.models.encoders import read_embeddings
     from synthset.stages.generator import grid_files, train_in_stage
     from synthset.stages.prepare import load_splits
 
@@ -152,7 +152,8 @@ def run_rcdm_filter(cfg: Config, synthesis: dict, embed: dict, resume: bool = Tr
     """Keep each class's middle band of centroid distances (see the module docstring); the stage summary."""
     from synthset.data.shards import completed_shards, iter_shard, read_manifest, write_manifest, write_shard
     from synthset.diffusion.rcdm import band_keep, class_centroids
-    from synthset.stages.embed import encoder_function, read_embeddings
+    from synthset.models.encoders import read_embeddings
+    from synthset.stages.embed import encoder_function
 
     stage = filter_dir(cfg)
     if resume and stage.is_complete():

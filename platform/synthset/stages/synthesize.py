@@ -238,7 +238,7 @@ def run_label(cfg: Config, source: str, teacher_path: str, resume: bool = True, 
 
 def dataset_sample_grid(dataset: str, path: str, per_class: int = 10) -> None:
     """A per-class grid from the first shard(s) of ``dataset``."""
-    from synthset.eval.plots import save_class_grid
+    from synthset.plots import save_class_grid
 
     manifest = read_manifest(dataset)
     names = manifest["class_names"]

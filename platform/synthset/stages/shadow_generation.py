@@ -101,6 +101,7 @@ def regenerate_synthetic_set(cfg: Config, model_path: str, images: np.ndarray, l
 
     from synthset.data.shards import image_to_tensor
     from synthset.methods import get_method
+    from synthset.stages.graph import STAGES
 
     method, syn = get_method(cfg.synthesis.method), cfg.synthesis
     if method.lora is None:
@@ -109,7 +110,7 @@ def regenerate_synthetic_set(cfg: Config, model_path: str, images: np.ndarray, l
     total = images_per_class * len(class_names)
     with tempfile.TemporaryDirectory(prefix="shadow-adapt-") as tmp:
         loras, table = adapt_on_half(cfg, model_path, images, labels, class_names, seed, tmp, device)
-        context = method.plan_context(cfg, class_names, {"adapt": {"loras": loras, "table": table}})
+        context = method.plan_context(cfg, class_names, {"adapt": STAGES["adapt"].read(cfg, {"table": table})})
         generator = method.load_generator(model_path, loras, syn, device, None)
     requests = method.plan_requests(0, total, generation_seed(seed), context)
     x, y = [], []

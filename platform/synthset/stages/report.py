@@ -131,7 +131,7 @@ def save_tradeoff_plot(rows: list[dict], path: str, title: str = "Accuracy versu
             for r in sel:
                 ax.annotate(f"{r['cardinality']:.0f}×" if target != "teacher" else "", (r[key], r["accuracy"]),
                             textcoords="offset points", xytext=(4, 4), fontsize=8)
-    from synthset.eval.plots import finish_tradeoff
+    from synthset.plots import finish_tradeoff
 
     finish_tradeoff(fig, axes, "LiRA AUC (online)", "LiRA TPR at 0.1% FPR (online)", "test accuracy", title, path)
 
