@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "platform"))
 
+import synthset.methods  # noqa: E402,F401  (registers the methods a config may name)
 from synthset.config import load_config  # noqa: E402
 from synthset.data.shards import iter_shard, shard_paths  # noqa: E402
 from synthset.data.splits import fit_images, make_splits  # noqa: E402

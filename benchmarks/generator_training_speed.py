@@ -35,6 +35,7 @@ def main() -> None:
     import torch
     from safetensors.torch import save_file
 
+    import synthset.methods  # noqa: F401  (registers the methods a config may name)
     from synthset.config import load_config
     from synthset.diffusion.generator_training import TrainingSet, TrainSettings, fit_generator, save_training_set
     from synthset.diffusion.pixel_unet import build_pixel_unet

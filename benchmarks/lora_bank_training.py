@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "platform"))
 
 import torch  # noqa: E402
 
+import synthset.methods  # noqa: E402,F401  (registers the methods a config may name)
 from synthset.config import load_config  # noqa: E402
 from synthset.lora.bank import inject_lora_bank  # noqa: E402
 from synthset.lora.train import train_lora_bank  # noqa: E402

@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
+import synthset.methods  # noqa: E402,F401  (registers the methods a config may name)
 from synthset.config import config_hash, load_config  # noqa: E402
 
 

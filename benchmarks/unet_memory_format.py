@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "platform"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import synthset.methods  # noqa: E402,F401  (registers the methods a config may name)
 from synthset.config import load_config  # noqa: E402
 from synthset.models.classifiers import build_classifier  # noqa: E402
 from synthset.models.foundation import build_foundation  # noqa: E402

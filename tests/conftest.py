@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
+import synthset.methods  # noqa: E402,F401  (registers the built-in methods a config may name)
 from synthset.config import load_config  # noqa: E402
 
 

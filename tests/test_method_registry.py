@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from synthset import methods
+from synthset import methods, registry
 from synthset.config import load_config, stage_hash
 from synthset.methods import LoraAdaptation, Method, base_context, get_method, method_names, method_stages
 from synthset.methods.plan import class_for_index, derive_seed, image_key
@@ -52,7 +52,7 @@ TOY = Method("toy_grey", needs=("captions",), reads=("synthesis.caption_template
 
 @pytest.fixture
 def toy(monkeypatch):
-    monkeypatch.setattr(methods, "REGISTRY", dict(methods.REGISTRY))  # unregistered again after the test
+    monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))  # unregistered again after the test
     return methods.register(TOY)
 
 
@@ -77,7 +77,7 @@ def test_an_unknown_method_is_a_config_error_naming_the_field():
 
 
 def test_declarations_are_checked(monkeypatch):
-    monkeypatch.setattr(methods, "REGISTRY", dict(methods.REGISTRY))
+    monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))
     common = dict(plan_requests=toy_plan, plan_context=toy_context, load_generator=toy_load,
                   generate_batch=toy_generate)
     with pytest.raises(ValueError, match="unknown needs"):
@@ -151,7 +151,7 @@ def test_a_need_no_stage_produces_fails_before_work(monkeypatch, tmp_path):
     from synthset import pipeline
     from synthset.stages import graph
 
-    monkeypatch.setattr(methods, "REGISTRY", dict(methods.REGISTRY))
+    monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))
     methods.register(dataclasses.replace(TOY, name="toy_embedded", needs=("embeddings",)))
     monkeypatch.delitem(graph.STAGES, "embed")  # a pipeline without the stage that embeds
     cfg = load_config(TINY, ["synthesis.method=toy_embedded", f"output.root={tmp_path}"])

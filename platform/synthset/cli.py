@@ -7,6 +7,7 @@ import sys
 from contextlib import contextmanager
 from typing import Callable
 
+import synthset.methods  # noqa: F401  (registers the methods a config may name)
 from synthset.config import Config, load_config
 
 

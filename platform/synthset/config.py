@@ -17,9 +17,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# The method registry (methods/__init__.py): plain declarations, no torch; it names synthesis.method's
+# The method registry (registry.py; the built-in methods register on import of synthset.methods): it names synthesis.method's
 # choices and the settings only some methods read.
-from synthset.methods import get_method, method_names, method_only_settings
+from synthset.registry import get_method, method_names, method_only_settings
 
 
 def _require_class_placeholder(v: str) -> str:
@@ -501,8 +501,6 @@ class CASDPoolConfig(Section):
         if self.path is not None and self.method is not None:
             raise ValueError("set one of pool.path (an existing dataset) and pool.method (generate one), not both")
         if self.method is not None:
-            from synthset.methods import get_method
-
             if self.method not in method_names():
                 raise ValueError(f"pool.method: unknown method {self.method!r} (choose from {', '.join(method_names())})")
             if "generator" in get_method(self.method).needs:
@@ -547,6 +545,9 @@ class SynthesisConfig(Section):
     @field_validator("method")
     @classmethod
     def _registered(cls, v: str) -> str:
+        if not method_names():
+            raise ValueError(f"unknown method {v!r}: no method is registered (import synthset.methods, which "
+                             "registers the built-in methods, before reading a config)")
         if v not in method_names():
             raise ValueError(f"unknown method {v!r}: choose one of {', '.join(method_names())} (synthset/methods/)")
         return v

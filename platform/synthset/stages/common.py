@@ -18,6 +18,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
+# Stage functions run in Ray workers that validate configs (``Config.model_validate``): every method a config
+# may name is registered wherever a stage module is loaded.
+import synthset.methods  # noqa: F401
 from synthset import storage
 from synthset.config import Config, config_hash, stage_hash
 

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+import synthset.methods  # noqa: F401  (registers the methods a trial config may name)
 from synthset.config import Config, config_hash, load_config, parse_override, stage_hash
 
 CARDINALITY = "cardinality"
