@@ -16,10 +16,11 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # The method registry (registry.py; the built-in methods register on import of synthset.methods): it names synthesis.method's
 # choices and the settings only some methods read.
-from synthset.registry import get_method, method_names, method_only_settings
+from synthset.registry import get_method, method_names, method_only_settings, method_settings, settings_left_out
 
 
 def _require_class_placeholder(v: str) -> str:
@@ -348,26 +349,7 @@ class AdaptConfig(Section):
     use_gpu: bool = False
 
 
-class RCDMEmbedConfig(Section):
-    """RCDM's image encoder (``stages/embed.py``): what embeds the private images and the generated ones."""
-
-    encoder: Uri = Field("public_cnn", min_length=1, description="'public_cnn': a small CNN the embed stage trains "
-                         "on the public split (the embedded default: an encoder that never saw a private image, "
-                         "like DINOv2 never saw the private set); otherwise a transformers image model (DINOv2, CLIP "
-                         "vision) by hub id or local directory: its pooled/CLS output is the embedding.")
-    # encoder=public_cnn: the small CNN of the classifiers (models/classifiers.py) and its training recipe.
-    public_width: int = Field(16, ge=4, description="encoder=public_cnn: channels of its first stage.")
-    public_epochs: int = Field(3, ge=1, description="encoder=public_cnn: epochs over the public split.")
-    public_lr: float = Field(3e-3, gt=0, le=1)
-    public_seed: int = Field(0, ge=0)
-    batch_size: int = Field(256, ge=1)
-    real_images: int | None = Field(None, ge=1, description="A class-balanced, seeded subset of the private split "
-                                    "that is embedded, trained on and conditioned on (the RCDM 'private set'); "
-                                    "null: all of it.")
-    seed: int = Field(0, ge=0, description="Seeds the real_images subset.")
-
-
-def _check_unet_levels(channels: list[int], norm_groups: int, attention_levels: list[int]) -> None:
+def check_unet_levels(channels: list[int], norm_groups: int, attention_levels: list[int]) -> None:
     """A pixel UNet's block widths divide into its norm groups and its attention levels exist."""
     bad = [c for c in channels if c % norm_groups]
     if bad:
@@ -375,25 +357,6 @@ def _check_unet_levels(channels: list[int], norm_groups: int, attention_levels: 
     bad = [i for i in attention_levels if not 0 <= i < len(channels)]
     if bad:
         raise ValueError(f"attention_levels: {bad} outside 0..{len(channels) - 1}")
-
-
-class RCDMModelConfig(Section):
-    """RCDM's denoiser (``diffusion/rcdm.py``): a pixel-space UNet and how the embedding enters it."""
-
-    conditioning: Literal["time", "cross_attention", "class"] = Field(
-        "time", description="time: a projection of the embedding added to the time embedding; cross_attention: "
-        "the embedding as one token the UNet attends to; class: the class-conditioned baseline (embedding off).")
-    channels: list[int] = Field([32, 64], min_length=1, max_length=5, description="UNet block widths.")
-    layers_per_block: int = Field(1, ge=1, le=4)
-    attention_levels: list[int] = Field([], description="time/class: UNet levels with self-attention (0 = full "
-                                        "resolution); cross_attention attends at every level but 0.")
-    norm_groups: int = Field(8, ge=1)
-    num_train_timesteps: int = Field(1000, ge=10, le=10000)
-
-    @model_validator(mode="after")
-    def _groups(self):
-        _check_unet_levels(self.channels, self.norm_groups, self.attention_levels)
-        return self
 
 
 class DiffusionTrainConfig(Section):
@@ -418,110 +381,6 @@ class DiffusionTrainConfig(Section):
                                      "directory, logged to MLflow); null: only at the end.")
 
 
-class RCDMTrainConfig(DiffusionTrainConfig):
-    """RCDM's denoiser: the shared recipe with RCDM's defaults; no warm-up and no class dropout, and the learning
-    rate decays by a half cosine to zero over ``steps`` (as RCDM trained before it moved to Ray Train)."""
-
-    steps: int = Field(2000, ge=1)
-    lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate at step 0 (cosine decay to 0 at steps).")
-
-
-class RCDMFilterConfig(Section):
-    """Centroid-band filtering (RCDM seed §3.2): per class, rank generated images by the distance of their
-    embedding to the class centroid of the real private embeddings; keep ranks in [low, high) of each class."""
-
-    enabled: bool = False
-    low: float = Field(0.25, ge=0, lt=1, description="Fraction of each class nearest its centroid that is dropped.")
-    high: float = Field(0.75, gt=0, le=1, description="Kept up to this rank fraction; 1 - high (farthest) is dropped.")
-    metric: Literal["l2", "cosine"] = "l2"
-
-    @model_validator(mode="after")
-    def _band(self):
-        if self.high <= self.low:
-            raise ValueError(f"high ({self.high}) must be > low ({self.low})")
-        return self
-
-
-class RCDMConfig(Section):
-    """RCDM (seed 002): diffusion conditioned on an encoder's embedding of a real private image."""
-
-    embed: RCDMEmbedConfig = RCDMEmbedConfig()
-    model: RCDMModelConfig = RCDMModelConfig()
-    train: RCDMTrainConfig = RCDMTrainConfig()
-    sampler: Literal["ddpm", "ddim"] = Field("ddpm", description="ddpm (the seed, 100 steps) or ddim (eta 0); "
-                                             "steps: synthesis.num_inference_steps.")
-    filter: RCDMFilterConfig = RCDMFilterConfig()
-
-
-class PixelUNetArch(Section):
-    """A pixel-space ``diffusion.pixel_unet.ConditionalPixelUNet`` (CASD's score network)."""
-
-    channels: list[int] = Field([32, 64, 64], min_length=1, max_length=5, description="UNet block widths "
-                                "(each level after the first halves the resolution).")
-    layers_per_block: int = Field(1, ge=1, le=4)
-    attention_levels: list[int] = Field([2], description="UNet levels with self-attention (0 = full resolution).")
-    attention_head_dim: int = Field(8, ge=1)
-    norm_groups: int = Field(8, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-
-    @model_validator(mode="after")
-    def _shapes(self):
-        _check_unet_levels(self.channels, self.norm_groups, self.attention_levels)
-        return self
-
-
-class GeneratorTrainConfig(DiffusionTrainConfig):
-    """CASD's generator training: the shared recipe plus a warm-up and class dropout."""
-
-    warmup_steps: int = Field(50, ge=0)
-    class_dropout: float = Field(0.1, ge=0, le=1, description="Probability of the null class per image "
-                                 "(classifier-free guidance at synthesis.guidance_scale > 1).")
-
-
-class CASDPoolConfig(Section):
-    """CASD's synthetic pool (source 1): an existing synthset dataset, or one generated here first."""
-
-    path: Uri | None = Field(None, min_length=1, description="A synthset dataset (directory or URI holding "
-                             "manifest.json), e.g. a ClassPrompt run's synthesis/<hash>/data.")
-    method: str | None = Field(None, min_length=1, description="Generate the pool first with this registered "
-                               "method under this config (its own stages and synthesis stage, cached like any "
-                               "run of that method), with the pool.* synthesis settings below.")
-    images_per_class: int = Field(1000, ge=1, description="pool.method: images per class of the pool.")
-    num_inference_steps: int = Field(10, ge=1, le=1000, description="pool.method: its sampling steps.")
-    guidance_scale: float = Field(1.75, ge=0, le=50, description="pool.method: its guidance scale.")
-    size: int | None = Field(None, ge=1, description="Use at most this many pool images (a seeded subset; the "
-                             "seed's m); null: all.")
-    mismatch: Literal["none", "other_classes", "corrupt"] = Field(
-        "none", description="none: the pool as it is; other_classes: every pool image is trained under the next "
-        "class ((c + 1) mod C), a pool whose class-conditional distributions miss the real ones (seed 001, Sec. 4.3); "
-        "corrupt: every pool image is degraded (4x box down/up-sampling plus Gaussian noise of std 0.3, seeded).")
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if self.path is not None and self.method is not None:
-            raise ValueError("set one of pool.path (an existing dataset) and pool.method (generate one), not both")
-        if self.method is not None:
-            if self.method not in method_names():
-                raise ValueError(f"pool.method: unknown method {self.method!r} (choose from {', '.join(method_names())})")
-            if "generator" in get_method(self.method).needs:
-                raise ValueError(f"pool.method: {self.method!r} trains its own generator; choose a method that "
-                                 "generates with the foundation model")
-        return self
-
-
-class CASDConfig(Section):
-    """CASD (seed 001) and its baselines from the same code and budget (``methods/casd.py``)."""
-
-    variant: Literal["casd", "sda", "dm"] = Field(
-        "casd", description="casd: private (source 0) + pool (source 1) with a learned source embedding, sampled "
-        "at source 0; sda: private ∪ pool, no source label; dm: the private images only (the pool is not read).")
-    real_images: int | None = Field(None, ge=1, description="Private images the generator trains on: a seeded, "
-                                    "class-balanced subset of the private split (the seed's n); null: all.")
-    pool: CASDPoolConfig = CASDPoolConfig()
-    model: PixelUNetArch = PixelUNetArch()
-    train: GeneratorTrainConfig = GeneratorTrainConfig()
-
-
 class SynthesisConfig(Section):
     method: str = Field("class_prompt", description="The generation method, by the name of its module in "
                         "synthset/methods/ (e.g. class_prompt, loft); its declaration says what it needs (captions, "
@@ -539,8 +398,33 @@ class SynthesisConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     compile: bool = Field(False, description="torch.compile the UNet (GPU; slow first batch, may change low bits).")
     actors: ActorsConfig = ActorsConfig()
-    rcdm: RCDMConfig = RCDMConfig()  # read by method rcdm only (left out of the other methods' hashes)
-    casd: CASDConfig = CASDConfig()  # read by method casd only (left out of the other methods' hashes)
+    # Beside these shared fields, ``synthesis.<name>`` holds the own settings of each registered method that
+    # declares them (``Method.settings``: ``synthesis.rcdm``, ``synthesis.casd``), validated by its model and
+    # read by that method only (left out of the other methods' hashes).
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _method_settings(cls, data: Any, handler):
+        if not isinstance(data, dict):
+            return handler(data)
+        data, errors, own = dict(data), [], method_settings()
+        for key in data:
+            if key not in cls.model_fields and key not in own:
+                errors.append((PydanticCustomError("extra_forbidden", "Extra inputs are not permitted"), (key,), data[key]))
+        for name, model in own.items():
+            value = data.get(name, {})
+            if isinstance(value, model):
+                continue
+            try:
+                data[name] = model.model_validate(value)
+            except ValidationError as err:
+                errors += [(PydanticCustomError(e["type"], e["msg"]),
+                            (name, *e["loc"]), e["input"]) for e in err.errors()]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, [
+                {"type": error, "loc": loc, "input": value} for error, loc, value in errors])
+        return handler(data)
 
     @field_validator("method")
     @classmethod
@@ -708,7 +592,7 @@ class Config(Section):
     ray: RayConfig = RayConfig()
     data: DataConfig = DataConfig()
     foundation: FoundationConfig = FoundationConfig()
-    synthesis: SynthesisConfig = SynthesisConfig()
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)  # built when read: the methods are registered by then
     adapt: AdaptConfig = AdaptConfig()
     teacher: ClassifierConfig = ClassifierConfig()
     label: LabelConfig = LabelConfig()
@@ -782,10 +666,9 @@ EXECUTION_ONLY = ("synthesis.actors", "label.batch_size", "label.actors",
                   "data.caption.actors", "data.caption.batch_size", "data.caption.part_size",
                   "replication.device", "replication.actors", "evaluate.enabled", "privacy.cpus_per_shadow", "privacy.gpus_per_shadow",
                   # the export gate's thresholds and destination: read by the export step only
-                  "privacy.max_auc", "privacy.max_tpr_at_0_1pct_fpr", "privacy.export_to",
-                  # when generators checkpoint and draw sample grids (a resumed run equals an unbroken one)
-                  "synthesis.casd.train.checkpoint_every", "synthesis.casd.train.sample_every",
-                  "synthesis.rcdm.train.checkpoint_every", "synthesis.rcdm.train.sample_every")
+                  "privacy.max_auc", "privacy.max_tpr_at_0_1pct_fpr", "privacy.export_to")
+# … and each method's own (``Method.execution_only``: e.g. when its generator checkpoints and draws sample
+# grids, a resumed run equals an unbroken one), gathered from the registry by ``stage_hash``.
 
 
 def _has(d: dict, dotted: str) -> bool:
@@ -835,16 +718,16 @@ def stage_hash(cfg: Config, stage: str, extra: Any = None) -> str:
         d["privacy"].pop("pipeline_generation")
     if cfg.foundation.path is not None:  # a given model: its architecture/pretraining don't matter
         d["foundation"] = {"path": cfg.foundation.path}
-    drop = list(EXECUTION_ONLY) + [k for k, methods in method_only_settings().items()
-                                   if cfg.synthesis.method not in methods]
+    drop = list(EXECUTION_ONLY) + list(settings_left_out("execution")) + [
+        k for k, methods in method_only_settings().items() if cfg.synthesis.method not in methods]
     if cfg.data.splits.holdout == 0:  # configs without a holdout keep the hashes they had before it existed
         drop.append("data.splits.holdout")
     # Likewise the data fields added with the own-data sources: at their defaults they change nothing.
     drop += [f"data.{k}" for k in DATA_FIELDS_SINCE_SOURCES if getattr(cfg.data, k) == DataConfig.model_fields[k].default]
     # Classifier fields added later: at their defaults they change nothing.
     drop += [f"{role}.input_blur" for role in ("teacher", "student") if getattr(cfg, role).input_blur is None]
-    if stage == "synthesis":
-        drop.insert(0, "synthesis.rcdm.filter")  # RCDM filters after synthesis (stage rcdm_filter)
+    if stage == "synthesis":  # e.g. RCDM filters after synthesis (stage rcdm_filter)
+        drop[:0] = settings_left_out("after_synthesis")
     if stage == "prepare":
         drop.append("data.caption")  # captions are made from the prepared images, not part of them
     # The replication index's settings matter only with index: faiss (tiled_l2's candidates only for tiled_l2).

@@ -101,6 +101,13 @@ class Method:
     # A stage of the graph between synthesis and labelling (RCDM's centroid-band filter); its summary's
     # ``dataset`` is what the label stage reads.
     after_synthesis: str | None = None
+    # Its own settings: a pydantic model (a ``config.Section``) the config validates ``synthesis.<name>``
+    # with; read by this method only, so left out of the other methods' stage hashes.
+    settings: type | None = None
+    # Of those, the ones only its after-synthesis stage reads (left out of the synthesis stage's hash), and
+    # the ones that say how work runs, not what it makes (left out of every hash).
+    after_synthesis_settings: tuple[str, ...] = ()
+    execution_only: tuple[str, ...] = ()
 
     def __post_init__(self):
         unknown = [n for n in self.needs if n not in NEEDS]
@@ -116,8 +123,10 @@ class Method:
 
     @property
     def hashed_settings(self) -> tuple[str, ...]:
-        """The method-only settings this method reads: its ``reads`` and, with LoRAs, ``adapt``."""
-        return (("adapt",) if self.lora is not None else ()) + tuple(self.reads)
+        """The method-only settings this method reads: its ``reads``, its own ``synthesis.<name>`` and, with
+        LoRAs, ``adapt``."""
+        own = (f"synthesis.{self.name}",) if self.settings is not None else ()
+        return tuple(dict.fromkeys((("adapt",) if self.lora is not None else ()) + tuple(self.reads) + own))
 
 
 REGISTRY: dict[str, Method] = {}
@@ -166,6 +175,18 @@ def method_only_settings() -> dict[str, tuple[str, ...]]:
         for key in m.hashed_settings:
             readers.setdefault(key, []).append(name)
     return {key: tuple(names) for key, names in readers.items()}
+
+
+def method_settings() -> dict[str, type]:
+    """Method name → the model of its own settings (``synthesis.<name>``), for the methods that have one."""
+    return {name: m.settings for name, m in REGISTRY.items() if m.settings is not None}
+
+
+def settings_left_out(kind: str) -> tuple[str, ...]:
+    """The methods' settings a stage hash leaves out: ``"execution"`` (every hash) or ``"after_synthesis"``
+    (the synthesis stage's)."""
+    field = {"execution": "execution_only", "after_synthesis": "after_synthesis_settings"}[kind]
+    return tuple(key for m in REGISTRY.values() for key in getattr(m, field))
 
 
 def base_context(cfg: Config, class_names: list[str], captions: dict | None = None,

@@ -23,11 +23,86 @@ no source label), ``variant``, ``sampler`` and ``guidance_scale``.
 
 from __future__ import annotations
 
-from synthset.methods import Method, base_context
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from synthset.config import DiffusionTrainConfig, Section, Uri, check_unet_levels
+from synthset.methods import Method, base_context, get_method, method_names
 from synthset.methods.plan import class_for_index, derive_seed, image_key
 
 NAME = "casd"
 REAL_SOURCE = 0  # Algorithm 1, line 8: sample with the source label of the real data
+
+
+# ``synthesis.casd``: CASD's own settings, validated by the config through the registry (``Method.settings``).
+class PixelUNetArch(Section):
+    """A pixel-space ``diffusion.pixel_unet.ConditionalPixelUNet`` (CASD's score network)."""
+
+    channels: list[int] = Field([32, 64, 64], min_length=1, max_length=5, description="UNet block widths "
+                                "(each level after the first halves the resolution).")
+    layers_per_block: int = Field(1, ge=1, le=4)
+    attention_levels: list[int] = Field([2], description="UNet levels with self-attention (0 = full resolution).")
+    attention_head_dim: int = Field(8, ge=1)
+    norm_groups: int = Field(8, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        check_unet_levels(self.channels, self.norm_groups, self.attention_levels)
+        return self
+
+
+class GeneratorTrainConfig(DiffusionTrainConfig):
+    """CASD's generator training: the shared recipe plus a warm-up and class dropout."""
+
+    warmup_steps: int = Field(50, ge=0)
+    class_dropout: float = Field(0.1, ge=0, le=1, description="Probability of the null class per image "
+                                 "(classifier-free guidance at synthesis.guidance_scale > 1).")
+
+
+class CASDPoolConfig(Section):
+    """CASD's synthetic pool (source 1): an existing synthset dataset, or one generated here first."""
+
+    path: Uri | None = Field(None, min_length=1, description="A synthset dataset (directory or URI holding "
+                             "manifest.json), e.g. a ClassPrompt run's synthesis/<hash>/data.")
+    method: str | None = Field(None, min_length=1, description="Generate the pool first with this registered "
+                               "method under this config (its own stages and synthesis stage, cached like any "
+                               "run of that method), with the pool.* synthesis settings below.")
+    images_per_class: int = Field(1000, ge=1, description="pool.method: images per class of the pool.")
+    num_inference_steps: int = Field(10, ge=1, le=1000, description="pool.method: its sampling steps.")
+    guidance_scale: float = Field(1.75, ge=0, le=50, description="pool.method: its guidance scale.")
+    size: int | None = Field(None, ge=1, description="Use at most this many pool images (a seeded subset; the "
+                             "seed's m); null: all.")
+    mismatch: Literal["none", "other_classes", "corrupt"] = Field(
+        "none", description="none: the pool as it is; other_classes: every pool image is trained under the next "
+        "class ((c + 1) mod C), a pool whose class-conditional distributions miss the real ones (seed 001, Sec. 4.3); "
+        "corrupt: every pool image is degraded (4x box down/up-sampling plus Gaussian noise of std 0.3, seeded).")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.path is not None and self.method is not None:
+            raise ValueError("set one of pool.path (an existing dataset) and pool.method (generate one), not both")
+        if self.method is not None:
+            if self.method not in method_names():
+                raise ValueError(f"pool.method: unknown method {self.method!r} (choose from {', '.join(method_names())})")
+            if "generator" in get_method(self.method).needs:
+                raise ValueError(f"pool.method: {self.method!r} trains its own generator; choose a method that "
+                                 "generates with the foundation model")
+        return self
+
+
+class CASDConfig(Section):
+    """CASD (seed 001) and its baselines from the same code and budget (``methods/casd.py``)."""
+
+    variant: Literal["casd", "sda", "dm"] = Field(
+        "casd", description="casd: private (source 0) + pool (source 1) with a learned source embedding, sampled "
+        "at source 0; sda: private ∪ pool, no source label; dm: the private images only (the pool is not read).")
+    real_images: int | None = Field(None, ge=1, description="Private images the generator trains on: a seeded, "
+                                    "class-balanced subset of the private split (the seed's n); null: all.")
+    pool: CASDPoolConfig = CASDPoolConfig()
+    model: PixelUNetArch = PixelUNetArch()
+    train: GeneratorTrainConfig = GeneratorTrainConfig()
 
 
 def plan_requests(start: int, stop: int, run_seed: int, context) -> list[dict]:
@@ -134,4 +209,5 @@ def check(cfg, private_labels, class_names: list[str]) -> None:
 
 METHOD = Method(NAME, plan_requests=plan_requests, plan_context=plan_context, load_generator=load_generator,
                 generate_batch=generate_batch, needs=("generator",), reads=("synthesis.casd",), check=check,
-                generator="casd_generator")
+                generator="casd_generator", settings=CASDConfig,
+                execution_only=("synthesis.casd.train.checkpoint_every", "synthesis.casd.train.sample_every"))
