@@ -20,7 +20,8 @@ from pydantic_core import PydanticCustomError
 
 # The method registry (registry.py; the built-in methods register on import of synthset.methods): it names synthesis.method's
 # choices and the settings only some methods read.
-from synthset.registry import get_method, method_names, method_only_settings, method_settings, settings_left_out
+from synthset.registry import (get_method, method_names, method_only_settings, method_settings, method_stage,
+                               settings_left_out)
 
 
 def _require_class_placeholder(v: str) -> str:
@@ -700,6 +701,17 @@ REPLICATION_INDEX_FIELDS = ("index", "index_min_private", "index_nlist", "index_
                             "index_grid", "index_distance")
 
 
+def stage_inputs(stage: str) -> tuple[str, ...]:
+    """The config sections ``stage``'s output depends on: ``STAGE_INPUTS``, or those a method declares for a
+    stage it adds (``registry.Stage.inputs``)."""
+    if stage in STAGE_INPUTS:
+        return STAGE_INPUTS[stage]
+    added = method_stage(stage)
+    if added is None:
+        raise KeyError(f"stage {stage!r}: not a stage of the pipeline nor one a registered method adds")
+    return added.inputs
+
+
 def pipeline_generation(cfg: Config) -> str:
     """What the ``pipeline`` shadows repeat of generation (``privacy.pipeline_generation`` resolved):
     "regenerate" for ``auto`` when the method adapts LoRAs on the private data, else "relabel"."""
@@ -740,7 +752,7 @@ def stage_hash(cfg: Config, stage: str, extra: Any = None) -> str:
     for dotted in drop:
         *parents, key = dotted.split(".")
         (_dig(d, ".".join(parents)) if parents else d).pop(key, None)
-    parts = {key: _dig(d, key) for key in STAGE_INPUTS[stage] if _has(d, key)}
+    parts = {key: _dig(d, key) for key in stage_inputs(stage) if _has(d, key)}
     return config_hash({"stage": stage, "inputs": parts, "extra": extra})
 
 

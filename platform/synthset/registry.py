@@ -83,6 +83,28 @@ class LoraAdaptation:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One stage of the generation graph, declared as a value (``stages/graph.py`` walks them).
+
+    run: ``(cfg, foundation model path, summaries of the stages before it, resume, tracker) -> summary``.
+    inputs: the config sections its output depends on (its hash; the built-in stages' are
+    ``config.STAGE_INPUTS``). dir: its ``StageDir`` for a config (None: ``<output.root>/<name>/<hash>``).
+    read: what planning reads of its summary (``Method.plan_context``'s artifacts; None: the summary).
+    upstream: the config of another generation it reads, run first and handed over as ``done["pool"]``.
+    """
+
+    name: str
+    run: Callable[..., dict]
+    inputs: tuple[str, ...] = ()
+    dir: Callable[[Any], Any] | None = None
+    read: Callable[[Any, dict], Any] | None = None
+    upstream: Callable[[Any], Any] | None = None
+
+    def artifact(self, cfg, summary: dict) -> Any:
+        return summary if self.read is None else self.read(cfg, summary)
+
+
+@dataclass(frozen=True)
 class Method:
     """One generation method's declaration (see the module docstring for each field)."""
 
@@ -108,6 +130,8 @@ class Method:
     # the ones that say how work runs, not what it makes (left out of every hash).
     after_synthesis_settings: tuple[str, ...] = ()
     execution_only: tuple[str, ...] = ()
+    # Stages it adds to the graph (its generator's, a filter's), named by ``generator`` / ``after_synthesis``.
+    stages: tuple[Stage, ...] = ()
 
     def __post_init__(self):
         unknown = [n for n in self.needs if n not in NEEDS]
@@ -140,6 +164,10 @@ def register(method: Method) -> Method:
         raise ValueError(f"method name {method.name!r}: must be an identifier (it names a module and a config value)")
     if method.name in REGISTRY and REGISTRY[method.name] is not method:
         raise ValueError(f"method {method.name!r} is already registered")
+    taken = {s.name: m.name for m in REGISTRY.values() if m.name != method.name for s in m.stages}
+    clash = [s.name for s in method.stages if s.name in taken]
+    if clash:
+        raise ValueError(f"method {method.name!r}: stage(s) {clash} are already added by {taken[clash[0]]!r}")
     REGISTRY[method.name] = method
     return method
 
@@ -187,6 +215,11 @@ def settings_left_out(kind: str) -> tuple[str, ...]:
     (the synthesis stage's)."""
     field = {"execution": "execution_only", "after_synthesis": "after_synthesis_settings"}[kind]
     return tuple(key for m in REGISTRY.values() for key in getattr(m, field))
+
+
+def method_stage(name: str) -> Stage | None:
+    """The stage ``name`` that a registered method adds to the graph, if one does."""
+    return next((s for m in REGISTRY.values() for s in m.stages if s.name == name), None)
 
 
 def base_context(cfg: Config, class_names: list[str], captions: dict | None = None,

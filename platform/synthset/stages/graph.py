@@ -19,28 +19,13 @@ one entry here beside its run function; a method picks it by name (``Method.gene
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from synthset.config import Config
 from synthset.methods import NEEDS, Method, get_method
+from synthset.registry import Stage, method_stage
 from synthset.stages import adapt, caption, embed, generator, rcdm
 from synthset.stages.common import StageDir
-
-
-def _summary(cfg: Config, summary: dict) -> Any:
-    return summary
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One declared stage of the generation graph (see the module docstring)."""
-
-    name: str
-    dir: Callable[[Config], StageDir]
-    run: Callable[..., dict]
-    read: Callable[[Config, dict], Any] = _summary
-    upstream: Callable[[Config], Config | None] | None = None
 
 
 def _run_caption(cfg: Config, model: str, done: dict, resume: bool, tracker) -> dict:
@@ -70,22 +55,34 @@ def _run_rcdm_filter(cfg: Config, model: str, done: dict, resume: bool, tracker)
             "unfiltered_dataset": synthesis["dataset"], "filter": filtered["filter"]}
 
 
+# The built-in stages (their hash inputs: ``config.STAGE_INPUTS``).
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("caption", caption.caption_dir, _run_caption,
+    Stage("caption", _run_caption, dir=caption.caption_dir,
           read=lambda cfg, summary: caption.captions_by_class(cfg, summary["captions"])),
-    Stage("adapt", adapt.adapt_dir, _run_adapt, read=lambda cfg, summary: adapt.read_lora_table(summary["table"])),
-    Stage("embed", embed.embed_dir, _run_embed),
-    Stage("casd_generator", generator.generator_dir, generator.run_generator, upstream=generator.pool_method_config),
-    Stage("rcdm_generator", rcdm.generator_dir, _run_rcdm_generator),
-    Stage("rcdm_filter", rcdm.filter_dir, _run_rcdm_filter),
+    Stage("adapt", _run_adapt, dir=adapt.adapt_dir, read=lambda cfg, summary: adapt.read_lora_table(summary["table"])),
+    Stage("embed", _run_embed, dir=embed.embed_dir),
+    Stage("casd_generator", generator.run_generator, dir=generator.generator_dir,
+          upstream=generator.pool_method_config),
+    Stage("rcdm_generator", _run_rcdm_generator, dir=rcdm.generator_dir),
+    Stage("rcdm_filter", _run_rcdm_filter, dir=rcdm.filter_dir),
 )}
 
 
+def find_stage(name: str) -> Stage | None:
+    """A stage of the graph by name: a built-in one, or one a registered method adds (``Method.stages``)."""
+    return STAGES.get(name) or method_stage(name)
+
+
+def stage_dir(stage: Stage, cfg: Config) -> StageDir:
+    return stage.dir(cfg) if stage.dir is not None else StageDir.for_config(cfg, stage.name)
+
+
 def _stage(name: str, method: Method, field: str) -> Stage:
-    if name not in STAGES:
+    stage = find_stage(name)
+    if stage is None:
         raise ValueError(f"synthesis.method={method.name!r}: Method.{field}={name!r} is no stage of the graph "
-                         f"(stages: {', '.join(STAGES)})")
-    return STAGES[name]
+                         f"(stages: {', '.join(STAGES)}, and those its methods add)")
+    return stage
 
 
 def need_stage(method: Method, need: str) -> Stage:
@@ -105,6 +102,9 @@ def generation_stages(cfg: Config) -> dict[str, Stage]:
     if missing:
         raise ValueError(f"synthesis.method={method.name!r} needs {', '.join(missing)}, which no stage of this "
                          f"pipeline produces (stages: {', '.join(STAGES)})")
+    clash = [s.name for s in method.stages if s.name in STAGES]
+    if clash:
+        raise ValueError(f"synthesis.method={method.name!r}: Method.stages {clash} share a built-in stage's name")
     stages = {NEEDS[need]: need_stage(method, need) for need in NEEDS if need in method.needs}
     if method.after_synthesis is not None:
         _stage(method.after_synthesis, method, "after_synthesis")
@@ -117,7 +117,7 @@ def run_method_stages(cfg: Config, model: str | None, resume: bool = True, track
     done: dict[str, dict] = {}
     for role, stage in generation_stages(cfg).items():
         upstream = stage.upstream(cfg) if stage.upstream is not None else None
-        if upstream is not None and not (resume and stage.dir(cfg).is_complete()):
+        if upstream is not None and not (resume and stage_dir(stage, cfg).is_complete()):
             print(f"[{stage.name}] first its pool: the {upstream.synthesis.method} generation of this data")
             done["pool"] = run_generation(upstream, None, resume, tracker)
         done[role] = stage.run(cfg, model, done, resume, tracker)
@@ -129,7 +129,7 @@ def run_method_stages(cfg: Config, model: str | None, resume: bool = True, track
 def plan_artifacts(cfg: Config, done: dict[str, dict]) -> dict[str, Any]:
     """What planning reads of each stage the method ran: {role: ``Stage.read`` of its summary}."""
     stages = generation_stages(cfg)
-    return {role: stages[role].read(cfg, summary) for role, summary in done.items() if role in stages}
+    return {role: stages[role].artifact(cfg, summary) for role, summary in done.items() if role in stages}
 
 
 def run_generation(cfg: Config, class_names: list[str] | None = None, resume: bool = True, tracker=None) -> dict:
@@ -149,10 +149,11 @@ def run_generation(cfg: Config, class_names: list[str] | None = None, resume: bo
         model = done["generator"]["model"]
     summary = run_synthesis(cfg, model, class_names, resume, tracker, context, loras)
     if method.after_synthesis is not None:  # e.g. RCDM's filter: the label stage reads what it returns
-        summary = STAGES[method.after_synthesis].run(cfg, model, {**done, "synthesis": summary}, resume, tracker)
+        after = _stage(method.after_synthesis, method, "after_synthesis")
+        summary = after.run(cfg, model, {**done, "synthesis": summary}, resume, tracker)
     return {**summary, **{role: done.get(role) for role in NEEDS.values()}}
 
 
 def stage_dirs(cfg: Config) -> dict[str, StageDir]:
     """Role → ``StageDir`` of each stage the method needs, in order (for --dry-run)."""
-    return {role: stage.dir(cfg) for role, stage in generation_stages(cfg).items()}
+    return {role: stage_dir(stage, cfg) for role, stage in generation_stages(cfg).items()}

@@ -110,7 +110,7 @@ def regenerate_synthetic_set(cfg: Config, model_path: str, images: np.ndarray, l
     total = images_per_class * len(class_names)
     with tempfile.TemporaryDirectory(prefix="shadow-adapt-") as tmp:
         loras, table = adapt_on_half(cfg, model_path, images, labels, class_names, seed, tmp, device)
-        context = method.plan_context(cfg, class_names, {"adapt": STAGES["adapt"].read(cfg, {"table": table})})
+        context = method.plan_context(cfg, class_names, {"adapt": STAGES["adapt"].artifact(cfg, {"table": table})})
         generator = method.load_generator(model_path, loras, syn, device, None)
     requests = method.plan_requests(0, total, generation_seed(seed), context)
     x, y = [], []
