@@ -44,7 +44,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ import numpy as np
 import torch
 
 from synthset.diffusion.edm import EDMDenoiser, loss_weight, sample_training_sigmas
+from synthset.diffusion.schedules import ema_decay_at, lr_at
 
 
 @dataclass
@@ -194,20 +194,6 @@ def _edm_loss(net):
 
 def _edm_grid(net, data: TrainingSet, device) -> tuple[np.ndarray, np.ndarray]:
     return sample_grid_images(net, data.num_classes, 4, device=str(device))
-
-
-def lr_at(step: int, lr: float, warmup_steps: int, decay_steps: int | None = None) -> float:
-    """Learning rate of step ``step`` (0-based): linear warm-up over ``warmup_steps``, then constant, or with
-    ``decay_steps`` times ½(1 + cos(π·min(step, decay_steps)/decay_steps)) (cosine to zero)."""
-    rate = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
-    if decay_steps:
-        rate *= 0.5 * (1 + math.cos(math.pi * min(step, decay_steps) / decay_steps))
-    return rate
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """The EMA decay after step ``step``: min(decay, (1 + step)/(10 + step)), so early weights fade fast."""
-    return min(decay, (1 + step) / (10 + step))
 
 
 @dataclass

@@ -10,19 +10,13 @@ model learns both. No Ray here: ``stages/foundation.py`` wraps these.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from synthset.diffusion.schedules import cosine_with_warmup, ema_decay_at, min_snr_weights
 from synthset.progress import Progress
-
-
-def _cosine_lr(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
@@ -40,7 +34,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float,
     """Fit ``vae`` to ``images`` (float, [-1, 1], N×C×H×W). Returns the loss curve."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps, max(1, steps // 20)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, steps, max(1, steps // 20)))
     vae.train()
     losses, progress = [], Progress("vae", steps, "steps", every=progress_every)
     for idx in _batches(len(images), min(batch_size, len(images)), steps, g):
@@ -74,15 +68,8 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return text_encoder(ids.to(text_encoder.device))[0]
 
 
-def min_snr_weights(noise_scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample loss weights min(SNR, γ)/SNR for ε-prediction (Min-SNR-γ, Hang et al. 2023, Eq. 6), on ``t``'s device."""
-    alpha_bar = noise_scheduler.alphas_cumprod.to(t.device)[t]
-    snr = alpha_bar / (1 - alpha_bar)
-    return torch.clamp(snr, max=gamma) / snr
-
-
 class EMA:
-    """Exponential moving average of parameters, with the usual warm-up min(decay, (1+n)/(10+n))."""
+    """Exponential moving average of parameters, with the warm-up of ``schedules.ema_decay_at``."""
 
     def __init__(self, params: list[torch.nn.Parameter], decay: float):
         self.params, self.decay, self.n = params, decay, 0
@@ -91,7 +78,7 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         self.n += 1
-        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        d = ema_decay_at(self.n, self.decay)
         for s, p in zip(self.shadow, self.params):
             s.lerp_(p.detach(), 1 - d)
 
@@ -145,7 +132,7 @@ def train_unet(unet, text_encoder, tokenizer, noise_scheduler, latents: torch.Te
     unet.to(memory_format=torch.channels_last)
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps, max(1, steps // 20)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, steps, max(1, steps // 20)))
     unet.train()
     text_encoder.train(train_text_encoder)
     text_encoder.requires_grad_(train_text_encoder)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synthset.diffusion.text_to_image import _cosine_lr, min_snr_weights
+from synthset.diffusion.schedules import cosine_with_warmup, min_snr_weights
 from synthset.lora.bank import LoraBankLayer, bank_layers, routing
 from synthset.progress import Progress
 
@@ -161,7 +161,7 @@ def train_lora_bank(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden
     streams = [_SampleStream(len(m), g) for m, g in zip(members, generators)]
     params = [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps, warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, steps, warmup_steps))
     n_t = noise_scheduler.config.num_train_timesteps
     shape = tuple(latents.shape[1:])
     step_ids = torch.arange(num_loras).repeat_interleave(batch_per_lora)
