@@ -218,6 +218,7 @@ def lora(ctx) -> dict:
 def actor(ctx) -> dict:
     """The synthesis actor (``ShardGenerator``, called here without Ray) with ``num_gpus: 1``: one shard."""
     from synthset.data.shards import iter_shard, shard_name
+    from synthset.methods import get_method
     from synthset.stages.synthesize import ShardGenerator
 
     device, quick, cfg = ctx["device"], ctx["quick"], ctx["cfg"]
@@ -229,14 +230,16 @@ def actor(ctx) -> dict:
             "actors": cfg.synthesis.actors.model_copy(update={"num_gpus": 1 if device == "cuda" else 0})})
         dataset = os.path.join(tempfile.mkdtemp(prefix="gpu-actor-"), "data")
         t0 = time.perf_counter()
-        shard_actor = ShardGenerator(ctx["model_path"], syn.model_dump(mode="json"), CLASS_NAMES, 0, dataset, "gpu-check")
+        shard_actor = ShardGenerator(ctx["model_path"], syn, get_method("class_prompt"), CLASS_NAMES, 0, dataset,
+                                     "gpu-check")
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         shard_actor({"shard": np.array([0]), "start": np.array([0]), "stop": np.array([count])})
         seconds = time.perf_counter() - t0
         written = sum(1 for _ in iter_shard(os.path.join(dataset, shard_name(0))))
         out[dtype] = {"load_s": load_s, "images_per_s": count / seconds, "written": written,
-                      "unet_dtype": str(shard_actor.generator.unet.dtype), "unet_device": str(shard_actor.generator.unet.device)}
+                      "unet_dtype": str(shard_actor.generator.pipe.unet.dtype),
+                      "unet_device": str(shard_actor.generator.pipe.unet.device)}
     return out
 
 

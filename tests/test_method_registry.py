@@ -136,8 +136,8 @@ def test_the_pipeline_stages_plans_and_generates_a_registered_method(toy, tmp_pa
     context = get_method("toy_grey").plan_context(cfg, names, graph.plan_artifacts(cfg, done))
     # A synthesis actor (called here without Ray) plans a shard with the method and generates it.
     dataset = tmp_path / "data"
-    actor = ShardGenerator("unused", cfg.synthesis.model_dump(mode="json"), names, cfg.run.seed, str(dataset), "toy",
-                           dataclasses.asdict(context), None)
+    actor = ShardGenerator("unused", cfg.synthesis, get_method("toy_grey"), names, cfg.run.seed, str(dataset), "toy",
+                           context, None)
     actor({"shard": 0, "start": 0, "stop": 12})
     samples = list(iter_shard(str(dataset / shard_name(0))))
     assert [s["key"] for s in samples] == [f"{i:010d}" for i in range(12)]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from synthset.config import FusionConfig
 from synthset.methods import PlanContext, plan_loras, plan_requests
 from synthset.methods.loft import fusion_weights
 from synthset.stages.adapt import select_shots
@@ -19,7 +20,7 @@ LORAS = {0: [0, 1, 2, 3], 1: [4, 5, 6], 2: [7, 8]}
 
 
 def context(**fusion):
-    return PlanContext(NAMES, captions=CAPTIONS, loras=LORAS, fusion={"mode": "pair", "lam": 0.5, **fusion})
+    return PlanContext(NAMES, captions=CAPTIONS, loras=LORAS, fusion=FusionConfig(**fusion))
 
 
 @pytest.mark.parametrize("method", ["class_prompt", "caption_prompt", "tckr", "datadream", "loft"])
@@ -62,7 +63,7 @@ def test_loft_beta_lambda_is_planned_per_image_and_follows_beta():
     single = plan_requests("loft", 0, 30, 0, context(mode="single"))
     assert all(len(r["lora_ids"]) == 1 and r["lora_weights"] == [1.0] for r in single)
     three = PlanContext(NAMES, loras={0: [0, 1, 2], 1: [3, 4, 5], 2: [6, 7, 8]},
-                        fusion={"mode": "triple", "beta_alpha": 2.0})
+                        fusion=FusionConfig(mode="triple", beta_alpha=2.0))
     for r in plan_requests("loft", 0, 30, 0, three):
         assert len(set(r["lora_ids"])) == 3 and set(r["lora_ids"]) <= set(three.loras[r["class_id"]])
         assert abs(sum(r["lora_weights"]) - 1) < 1e-9 and len(set(r["lora_weights"])) == 3

@@ -39,7 +39,7 @@ class PlanContext:
     caption_template: str = "{class}: {caption}"
     captions: dict[int, list[tuple[int, str]]] = field(default_factory=dict)
     loras: dict[int, list[int]] = field(default_factory=dict)
-    fusion: dict = field(default_factory=dict)
+    fusion: Any = None  # the ``config.FusionConfig`` of ``synthesis.fusion`` (LoFT's λ and mode), as validated
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ def base_context(cfg: Config, class_names: list[str], captions: dict | None = No
     """A method's ``PlanContext``: the config's prompt templates and fusion settings, plus its tables."""
     syn = cfg.synthesis
     return PlanContext(class_names, syn.prompt_template, syn.caption_template, captions or {}, loras or {},
-                       syn.fusion.model_dump())
+                       syn.fusion)
 
 
 def plan_requests(method: str, start: int, stop: int, run_seed: int, context: PlanContext) -> list[dict]:

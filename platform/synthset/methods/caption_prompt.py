@@ -37,4 +37,4 @@ def plan_context(cfg, class_names: list[str], artifacts: dict):
 
 METHOD = Method(NAME, needs=("captions",), reads=("synthesis.caption_template",),
                 plan_requests=plan_requests, plan_context=plan_context,
-                load_generator=text_to_image.load_generator, generate_batch=text_to_image.generate_batch)
+                load_generator=text_to_image.loader(), generate_batch=text_to_image.generate_batch)

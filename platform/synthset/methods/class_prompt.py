@@ -34,4 +34,4 @@ def plan_context(cfg, class_names: list[str], artifacts: dict):
 
 
 METHOD = Method(NAME, plan_requests=plan, plan_context=plan_context,
-                load_generator=text_to_image.load_generator, generate_batch=text_to_image.generate_batch)
+                load_generator=text_to_image.loader(), generate_batch=text_to_image.generate_batch)

@@ -30,6 +30,6 @@ def plan_context(cfg, class_names: list[str], artifacts: dict):
     return base_context(cfg, class_names, loras=loras_by_class(artifacts["adapt"]))
 
 
-METHOD = Method(NAME, needs=("loras",), lora=LoraAdaptation(per="class", rank=16, lr=1e-4, targets="attention"),
-                plan_requests=plan_requests, plan_context=plan_context,
-                load_generator=text_to_image.load_generator, generate_batch=text_to_image.generate_batch)
+LORA = LoraAdaptation(per="class", rank=16, lr=1e-4, targets="attention")
+METHOD = Method(NAME, needs=("loras",), lora=LORA, plan_requests=plan_requests, plan_context=plan_context,
+                load_generator=text_to_image.loader(LORA), generate_batch=text_to_image.generate_batch)

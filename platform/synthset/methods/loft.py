@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from synthset.config import FusionConfig
 from synthset.methods import LoraAdaptation, Method, base_context, text_to_image
 from synthset.methods.plan import class_for_index, derive_seed, image_key, loras_by_class
 
@@ -35,8 +36,8 @@ def fusion_weights(mode: str, rng: np.random.Generator, lam: float | None, beta_
 
 
 def plan_requests(start: int, stop: int, run_seed: int, context) -> list[dict]:
-    names, fusion = context.class_names, context.fusion
-    mode = fusion.get("mode", "pair")
+    names, fusion = context.class_names, context.fusion if context.fusion is not None else FusionConfig()
+    mode = fusion.mode
     arity = FUSION_ARITY[mode]
     rows = []
     for index in range(start, stop):
@@ -48,7 +49,7 @@ def plan_requests(start: int, stop: int, run_seed: int, context) -> list[dict]:
         seed = derive_seed(run_seed, index)
         rng = np.random.default_rng([seed, _FUSION_STREAM])
         picks = rng.choice(len(pool), size=arity, replace=False)
-        weights = fusion_weights(mode, rng, fusion.get("lam"), fusion.get("beta_alpha"))
+        weights = fusion_weights(mode, rng, fusion.lam, fusion.beta_alpha)
         rows.append({"key": image_key(index), "index": index, "method": NAME, "class_id": c, "seed": seed,
                      "prompt": context.prompt_template.format(**{"class": names[c]}),
                      "lora_ids": [int(pool[p]) for p in picks], "lora_weights": weights})
@@ -68,7 +69,7 @@ def check(cfg, private_labels, class_names: list[str]) -> None:
                          f"adapt.shots_per_class={k}")
 
 
+LORA = LoraAdaptation(per="image", rank=2, lr=1e-3, targets="attention")
 METHOD = Method(NAME, needs=("loras",), reads=("synthesis.fusion",),
-                lora=LoraAdaptation(per="image", rank=2, lr=1e-3, targets="attention"),
-                plan_requests=plan_requests, plan_context=plan_context, check=check,
-                load_generator=text_to_image.load_generator, generate_batch=text_to_image.generate_batch)
+                lora=LORA, plan_requests=plan_requests, plan_context=plan_context, check=check,
+                load_generator=text_to_image.loader(LORA), generate_batch=text_to_image.generate_batch)

@@ -32,8 +32,7 @@ def plan_context(cfg, class_names: list[str], artifacts: dict):
                         loras={c: [0] for c in range(len(class_names))})
 
 
+LORA = LoraAdaptation(per="dataset", rank=4, lr=1e-4, targets="attention", prompt="caption", fold_into_unet=True)
 METHOD = Method(NAME, needs=("captions", "loras"), reads=("synthesis.caption_template",),
-                lora=LoraAdaptation(per="dataset", rank=4, lr=1e-4, targets="attention", prompt="caption",
-                                    fold_into_unet=True),
-                plan_requests=plan_requests, plan_context=plan_context,
-                load_generator=text_to_image.load_generator, generate_batch=text_to_image.generate_batch)
+                lora=LORA, plan_requests=plan_requests, plan_context=plan_context,
+                load_generator=text_to_image.loader(LORA), generate_batch=text_to_image.generate_batch)

@@ -11,20 +11,31 @@ imports this module: torch and the models are imported inside the functions.
 
 from __future__ import annotations
 
-
-def _routes_each_sample(method_name: str) -> bool:
-    from synthset.methods import get_method
-
-    lora = get_method(method_name).lora
-    return lora is not None and not lora.fold_into_unet
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 
-def load_generator(model_path: str, loras: str | None, synthesis, device: str = "cpu", dtype=None):
+@dataclass
+class TextToImageGenerator:
+    """The loaded foundation pipeline and whether each sample routes its own LoRA mix (DataDream, LoFT)."""
+
+    pipe: Any
+    routes_each_sample: bool
+
+
+def loader(lora=None):
+    """The ``Method.load_generator`` of a text-to-image method with the LoRAs ``lora`` (a ``LoraAdaptation``;
+    None: the plain foundation model)."""
+    return partial(load_generator, lora=lora)
+
+
+def load_generator(model_path: str, loras: str | None, synthesis, device: str = "cpu", dtype=None, *,
+                   lora=None) -> TextToImageGenerator:
     """The foundation pipeline on ``device`` (``dtype``: None keeps the saved one), with the LoRA bank
-    ``loras`` when the method has one; ``synthesis``: the ``SynthesisConfig`` (method, compile)."""
+    ``loras`` of the method's adaptation ``lora`` (``synthesis``: the ``SynthesisConfig``, for compile)."""
     import torch
 
-    from synthset.methods import get_method
     from synthset.models.foundation import load_foundation
 
     pipe = load_foundation(model_path, device=device, dtype=dtype)
@@ -32,19 +43,18 @@ def load_generator(model_path: str, loras: str | None, synthesis, device: str = 
         from synthset.lora.bank import fold_lora_into_base, load_bank_into
 
         load_bank_into(pipe.unet, loras)
-        lora = get_method(synthesis.method).lora
         if lora is not None and lora.fold_into_unet:  # one LoRA for every image: merged, base speed
             fold_lora_into_base(pipe.unet, 0, 1.0)
     if synthesis.compile:
         pipe.unet = torch.compile(pipe.unet)
-    return pipe
+    return TextToImageGenerator(pipe, routes_each_sample=lora is not None and not lora.fold_into_unet)
 
 
-def generate_batch(pipe, requests: list[dict], synthesis):
+def generate_batch(generator: TextToImageGenerator, requests: list[dict], synthesis):
     """uint8 images (N, H, W[, C]) of ``requests`` with the steps, guidance and size of ``synthesis``."""
-    if _routes_each_sample(synthesis.method):
+    if generator.routes_each_sample:
         from synthset.lora.fused import fused_generate as sample
     else:
         from synthset.diffusion.text_to_image_sampler import generate_batch as sample
-    return sample(pipe, requests, synthesis.num_inference_steps, synthesis.guidance_scale,
+    return sample(generator.pipe, requests, synthesis.num_inference_steps, synthesis.guidance_scale,
                   synthesis.resolution, synthesis.resolution)

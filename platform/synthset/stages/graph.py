@@ -147,7 +147,7 @@ def run_generation(cfg: Config, class_names: list[str] | None = None, resume: bo
     loras = done["adapt"]["loras"] if "adapt" in done else None
     if "generator" in done:  # a method with its own generator synthesises with it
         model = done["generator"]["model"]
-    summary = run_synthesis(cfg, model, class_names, resume, tracker, context, loras)
+    summary = run_synthesis(cfg, model, class_names, resume, tracker, context, loras, method)
     if method.after_synthesis is not None:  # e.g. RCDM's filter: the label stage reads what it returns
         after = _stage(method.after_synthesis, method, "after_synthesis")
         summary = after.run(cfg, model, {**done, "synthesis": summary}, resume, tracker)

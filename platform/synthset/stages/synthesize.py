@@ -36,17 +36,6 @@ def _encode_all(images: np.ndarray, fmt: str) -> list[bytes]:
     return [encode_image(image, fmt) for image in images]
 
 
-def _context_from_dict(context: dict | None, class_names: list[str], syn):
-    """The methods' ``PlanContext`` from its JSON form (JSON keys are strings; class ids are ints)."""
-    from synthset.methods import PlanContext
-
-    if context is None:
-        return PlanContext(class_names, syn.prompt_template, syn.caption_template, fusion=syn.fusion.model_dump())
-    return PlanContext(class_names, context["prompt_template"], context["caption_template"],
-                       {int(c): [tuple(x) for x in v] for c, v in context["captions"].items()},
-                       {int(c): list(v) for c, v in context["loras"].items()}, context["fusion"])
-
-
 class ShardGenerator:
     """Shard-pool worker: loads the method's generator once, then generates and writes one shard per call.
 
@@ -58,21 +47,22 @@ class ShardGenerator:
     batch, so encoding stays off the model's critical path (it matters at 512 px on a GPU).
     """
 
-    def __init__(self, model_path: str, synthesis: dict, class_names: list[str], run_seed: int,
-                 dataset: str, generator_id: str, context: dict | None = None, loras: str | None = None):
+    def __init__(self, model_path: str, synthesis, method, class_names: list[str], run_seed: int,
+                 dataset: str, generator_id: str, context=None, loras: str | None = None):
+        """``synthesis``: the ``SynthesisConfig``; ``method``: the ``Method`` itself; ``context``: its
+        ``PlanContext`` (None: names, templates and fusion settings only)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from synthset.config import SynthesisConfig
-        from synthset.methods import get_method
+        from synthset.methods import PlanContext
 
-        self.cfg = SynthesisConfig.model_validate(synthesis)
-        self.method = get_method(self.cfg.method)
+        self.cfg, self.method = synthesis, method
         device, dtype = torch_setup(self.cfg.actors.num_cpus, self.cfg.actors.num_gpus, self.cfg.dtype)
         # Half precision only on GPU; on CPU it is slower (bf16) or unsupported (fp16).
         self.generator = self.method.load_generator(model_path, loras, self.cfg, device,
                                                     dtype if device == "cuda" else None)
         self.class_names, self.run_seed, self.dataset, self.generator_id = class_names, run_seed, dataset, generator_id
-        self.context = _context_from_dict(context, class_names, self.cfg)
+        self.context = context if context is not None else PlanContext(
+            class_names, synthesis.prompt_template, synthesis.caption_template, fusion=synthesis.fusion)
         self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
 
     def __call__(self, task: dict) -> dict:
@@ -105,21 +95,21 @@ def _pending(dataset: str, ranges: list[tuple[int, int, int]], resume: bool) -> 
 
 
 def run_synthesis(cfg: Config, model_path: str, class_names: list[str], resume: bool = True, tracker=None,
-                  context=None, loras: str | None = None) -> dict:
+                  context=None, loras: str | None = None, method=None) -> dict:
     """Generate the planned images into ``<synthesis dir>/data`` and return the stage summary.
 
     ``context``: the method's ``PlanContext`` (captions, LoRA table; ClassPrompt needs none);
-    ``loras``: the adapted LoRA bank (``stages.adapt``) of a method that needs LoRAs.
+    ``loras``: the adapted LoRA bank (``stages.adapt``) of a method that needs LoRAs; ``method``: the
+    ``Method`` (None: the registered ``synthesis.method``).
     """
-    import dataclasses
-
     from synthset.methods import get_method
 
     stage = synthesis_dir(cfg)
     if resume and stage.is_complete():
         return stage.reuse(stage.path("data"))
     syn = cfg.synthesis
-    if ("loras" in get_method(syn.method).needs) != bool(loras):
+    method = method if method is not None else get_method(syn.method)
+    if ("loras" in method.needs) != bool(loras):
         raise ValueError(f"synthesis.method={syn.method!r} " + ("needs the adapted LoRAs (run the adapt stage first)"
                                                                  if loras else "takes no LoRAs"))
     total = syn.images_per_class * len(class_names)
@@ -133,9 +123,8 @@ def run_synthesis(cfg: Config, model_path: str, class_names: list[str], resume: 
     t0 = started = time.time()
     new = run_shard_pool(
         tasks, ShardGenerator,
-        {"model_path": model_path, "synthesis": syn.model_dump(mode="json"), "class_names": class_names,
-         "run_seed": cfg.run.seed, "dataset": dataset, "generator_id": model_path,
-         "context": dataclasses.asdict(context) if context is not None else None, "loras": loras},
+        {"model_path": model_path, "synthesis": syn, "method": method, "class_names": class_names,
+         "run_seed": cfg.run.seed, "dataset": dataset, "generator_id": model_path, "context": context, "loras": loras},
         PoolResources.of(syn.actors), "synthesis", total, sum(s["count"] for s in done.values()), tracker)
     seconds = time.time() - t0
     stats = list(done.values()) + new
