@@ -6,7 +6,7 @@ Builds the config's foundation architecture (random weights: speed does not depe
 random scaled latents and prompt embeddings (one real image per LoRA, as in LoFT, unless
 ``--images-per-lora`` says more), then times ``train_lora_bank`` on a bank of ``--loras`` LoRAs
 and ``--loras`` runs of ``train_lora_bank`` on a bank of one, same steps and ``--batch-per-lora``.
-Both produce the same LoRAs (tests/test_lora_bank.py checks it), so the ratio is pure speed.
+Both produce the same LoRAs (tests/lora/test_lora_bank.py checks it), so the ratio is pure speed.
 ``--targets locon --rank 32 --loras 1 --batch-per-lora 64 --bank-only`` times TCKR's LoCon step
 of the quickstart (one LoRA, every sample the same mix) without the sequential comparison.
 Reports wall-clock and process CPU time (the honest measure with ``--threads 1`` on a shared

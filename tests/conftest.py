@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,9 @@ def s3_server(monkeypatch):
            "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    # moto keeps its buckets in process-wide state, shared by every server of this process: start empty (an
+    # earlier test's objects under the same keys made a later test find its output complete before it ran).
+    urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST"))
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="synthset")
     yield boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
     server.stop()

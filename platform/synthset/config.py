@@ -660,7 +660,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 
 # How work is executed, not what it produces: left out of stage hashes, so a rerun with more
 # actors resumes the same dataset instead of starting a new one. The synthesis batch size stays
-# in: on CPU, a different batch size can change a pixel by one grey level (tests/test_synthesis_resume.py).
+# in: on CPU, a different batch size can change a pixel by one grey level (tests/stages/test_synthesis_resume.py).
 EXECUTION_ONLY = ("synthesis.actors", "label.batch_size", "label.actors",
                   *[f"{role}.{field}" for role in ("teacher", "student")
                     for field in ("in_memory_bytes", "shuffle_bytes", "loader_workers")],

@@ -177,7 +177,7 @@ def _open_hf(cfg: DataConfig, cache_dir: str | Path) -> Source:
                     pixel_cap(cfg.image_size, cfg.max_image_pixels))
 
 
-# data.source → opener. The names are config.DATA_SOURCES (tests/test_sources.py checks they agree).
+# data.source → opener. The names are config.DATA_SOURCES (tests/data/test_sources.py checks they agree).
 SOURCES: dict[str, Callable[[DataConfig, str | Path], Source]] = {
     "fashion_mnist": _open_fashion_mnist,
     "digits": _open_digits,

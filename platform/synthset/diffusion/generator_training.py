@@ -1,7 +1,7 @@
 """Training a method's own pixel-space diffusion model (CASD's EDM model, RCDM's DDPM denoiser): plain
 functions, then a Ray Train driver.
 
-The algorithm (no Ray; tests/test_generator_training.py, tests/test_rcdm.py):
+The algorithm (no Ray; tests/diffusion/test_generator_training.py, tests/methods/test_rcdm.py):
 
 - ``TrainingSet``: images in [-1, 1] (N, C, H, W) with their conditions (``class_labels``; CASD's
   ``source``, 0 real / 1 synthetic; RCDM's ``embeddings``, an encoder's vector of each image). CASD's
@@ -25,7 +25,7 @@ The algorithm (no Ray; tests/test_generator_training.py, tests/test_rcdm.py):
 - ``save_checkpoint`` / ``load_checkpoint``: the weights, the EMA, Adam's moments as safetensors
   files plus ``state.json`` (step, loss history, the network's config). Nothing is pickled.
   Restoring a checkpoint restores the whole state, so resuming gives the same weights as never
-  stopping (bit for bit on one process; ``tests/test_generator_training.py``).
+  stopping (bit for bit on one process; ``tests/diffusion/test_generator_training.py``).
 
 The Ray layer (``fit_generator``): a ``TorchTrainer`` (gloo on CPU, NCCL on GPU; bf16 autocast on
 GPU only) whose workers run ``train_steps`` between checkpoints, report each checkpoint directory

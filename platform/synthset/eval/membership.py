@@ -20,7 +20,7 @@ Principles", arXiv:2112.03570):
   (an external target with known membership), each for every ``variants`` of LiRA.
 
 Run: ``jobs/privacy.py`` / ``jobs/evaluate.py`` (through ``stages/privacy.py``); tests:
-``tests/test_membership.py``.
+``tests/eval/test_membership.py``.
 """
 
 from __future__ import annotations

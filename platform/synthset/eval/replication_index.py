@@ -8,7 +8,7 @@ for large private sets ``PrivateIndex`` (``replication.index: faiss``) looks in 
   vectors) cuts the space into cells, each private vector is stored uncompressed in its centroid's cell, and
   a query is compared exactly with the vectors of its ``nprobe`` nearest cells. Its only error is a
   neighbour in a cell that was not probed; for a fixed seed and training sample the index is the same on
-  every run. Recall against the exact search: ``tests/test_replication_index.py`` and
+  every run. Recall against the exact search: ``tests/eval/test_replication_index.py`` and
   ``benchmarks/replication_index.py`` (docs/benchmarks.md).
 * **cosine**: the vectors are the L2-normalised features and the index ranks by inner product, so its
   nearest neighbour and score are the exact search's whenever the neighbour's cell is probed.

@@ -14,7 +14,7 @@ seeds ± its standard error s / √n (s the sample standard deviation, ddof = 1)
 * ``format_mean_se``: "0.612 ± 0.008" for tables.
 
 Driver: ``benchmarks/privacy_seeds.py``; the error-bar plot: ``plots.py: save_tradeoff_errorbars``;
-tests: ``tests/test_privacy_seeds.py``.
+tests: ``tests/stages/test_privacy_seeds.py``.
 """
 
 from __future__ import annotations

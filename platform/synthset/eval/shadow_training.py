@@ -13,7 +13,7 @@ it) and is queried like the target (``eval/membership.py: query_logits``). Two k
 Training images are uint8 arrays (N, H, W[, C]), converted a batch at a time, or float tensors
 (N, C, H, W) in [-1, 1]; queries are float tensors; labels int64 tensors; every function returns
 float32 logits (len(x_query), A, C). ``stages/privacy.py`` loads the arrays and runs these as Ray
-tasks; tests: ``tests/test_shadow_training.py``.
+tasks; tests: ``tests/eval/test_shadow_training.py``.
 """
 
 from __future__ import annotations

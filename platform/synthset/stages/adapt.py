@@ -14,7 +14,7 @@ writes ``banks/bank-NNNN.safetensors`` atomically, so a rerun trains only the mi
 A single LoRA over the whole set (TCKR) is instead trained data-parallel with Ray Train when
 ``adapt.workers > 1``: each worker computes a share of every step and the gradients are summed
 (same result).
-Training a LoRA in a bank equals training it alone (tests/test_lora_bank.py), so the bank size
+Training a LoRA in a bank equals training it alone (tests/lora/test_lora_bank.py), so the bank size
 and the number of parallel workers do not change the result. The stage ends by merging the banks
 into ``loras.safetensors`` and writing ``loras.json`` (LoRA id → class, real image, caption), the
 table the generation methods plan with.

@@ -22,7 +22,7 @@ Seeds derive from the shadow's seed only (``adapt_seed``, ``generation_seed``): 
 LoRA initialisation and noise, and every image's noise. The bank files live in a temporary directory
 (safetensors) and are deleted. The replication gate's ``action: drop`` is not repeated: the shadow
 Student sees every regenerated image. ``stages/privacy.py: train_shadow_regenerate`` runs this per
-shadow; tests: ``tests/test_shadow_generation.py``.
+shadow; tests: ``tests/stages/test_shadow_generation.py``.
 """
 
 from __future__ import annotations

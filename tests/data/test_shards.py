@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require_import
+from conftest import ROOT, require_import
 from synthset.data.shards import (ShardDataset, build_shard, completed_shards, decode_image, iter_shard,
                                   read_manifest, shard_paths, write_manifest, write_shard)
 
@@ -135,7 +135,7 @@ def test_shard_pool_uses_no_deprecated_ray_arguments():
     from synthset.stages.shard_pool import PoolResources, run_shard_pool
 
     here = os.path.dirname(os.path.abspath(__file__))  # the workers import _EchoShard from this file
-    path = os.pathsep.join([here, os.path.join(os.path.dirname(here), "platform")])
+    path = os.pathsep.join([here, str(ROOT / "tests"), str(ROOT / "platform")])  # this file imports conftest
     ray.init(num_cpus=1, include_dashboard=False, ignore_reinit_error=True,
              runtime_env={"env_vars": {"PYTHONPATH": path}})
     try:

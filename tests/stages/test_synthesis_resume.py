@@ -1,9 +1,7 @@
 """The synthesis job: same config → same bytes; a killed job or actor loses and duplicates nothing.
 
 Each test compares against one uninterrupted reference run (module fixture) of the real
-``jobs/generate.py`` on the tiny config: 200 images in 100 shards of two. Small shards keep the job
-running for seconds after its first shard lands (20 shards of ten finished within 1.5 s of the first, and
-an object-store poll could miss that window), so a kill lands mid-run.
+``jobs/generate.py`` on the tiny config: 200 images in 20 shards.
 """
 
 import hashlib
@@ -23,15 +21,14 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.usefixtures("fashion_mnist")]
 
 
-PER_CLASS = 20             # 10 classes → 200 images
-TOTAL, SHARDS = 200, 100   # shard_size 2
-SHARD_SIZE = TOTAL // SHARDS
+PER_CLASS = 20            # 10 classes → 200 images
+TOTAL, SHARDS = 200, 20   # shard_size 10
 
 
 def generate_cmd(root, model, *extra):
     return [sys.executable, str(ROOT / "jobs" / "generate.py"), "--config", str(ROOT / "conf" / "tiny.yaml"),
             "--set", f"output.root={root}", "--set", f"foundation.path={model}",
-            "--set", f"synthesis.images_per_class={PER_CLASS}", "--set", f"synthesis.shard_size={SHARD_SIZE}",
+            "--set", f"synthesis.images_per_class={PER_CLASS}", "--set", "synthesis.shard_size=10",
             "--set", "tracking.enabled=false", *extra]
 
 
@@ -47,7 +44,7 @@ def digests(root):
 def check_complete(root, n=TOTAL):
     data = dataset_dir(root)
     manifest = json.loads((data / "manifest.json").read_text())
-    assert manifest["num_samples"] == n and len(manifest["shards"]) == n // SHARD_SIZE
+    assert manifest["num_samples"] == n and len(manifest["shards"]) == n // 10
     keys = []
     for entry in manifest["shards"]:
         assert hashlib.sha256((data / entry["shard"]).read_bytes()).hexdigest() == entry["sha256"]
@@ -90,7 +87,7 @@ def test_same_config_same_bytes_whatever_the_number_of_actors(tmp_path, tiny_pip
 
 def test_sigkill_then_rerun_completes_with_identical_bytes(tmp_path, tiny_pipeline_dir, reference):
     killed = tmp_path / "killed"
-    # A hundred shards of two images: the job is still running when the first shard lands.
+    # Twenty shards of ten images: the job is still running when the first shard lands.
     cmd = generate_cmd(killed, tiny_pipeline_dir)
     log = tmp_path / "killed.log"
     with open(log, "w") as out:
@@ -106,7 +103,7 @@ def test_sigkill_then_rerun_completes_with_identical_bytes(tmp_path, tiny_pipeli
     # either way the rerun skips what is complete and generates only the rest.
     resumed = int(re.search(r"(\d+) already complete", out.stdout).group(1))
     assert done_before <= resumed < SHARDS
-    assert f'"generated_now": {(SHARDS - resumed) * SHARD_SIZE}' in out.stdout
+    assert f'"generated_now": {(SHARDS - resumed) * 10}' in out.stdout
     check_complete(killed)
     assert digests(killed) == reference
 
@@ -147,7 +144,7 @@ def test_object_store_output_resumes_and_matches_local_bytes(tmp_path, tiny_pipe
 
     while time.time() < deadline and not [k for k in listing() if k.endswith(".tar.json")]:
         assert proc.poll() is None, "the job exited before writing a shard"
-        time.sleep(0.05)
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not [k for k in listing() if k.endswith("/manifest.json")], "finished before the kill"

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from synthset.config import load_config
 from synthset.plots import errorbar_series, save_tradeoff_errorbars
 from synthset.eval.seed_stats import aggregate_seeds, format_mean_se, mean_se, seed_rows
@@ -109,11 +110,9 @@ def test_shadow_sets_do_not_depend_on_the_training_seeds():
 def test_privacy_config_teacher_is_converged_and_shadows_share_its_recipe():
     """conf/privacy.yaml (issue 14): a Teacher fitted to convergence (no augmentation, no weight decay, many
     steps) whose recipe the shadows repeat; the Student keeps the quickstart's Student recipe."""
-    from pathlib import Path
-
     from synthset.stages.privacy import classifier_shadow_set
 
-    cfg = load_config(Path(__file__).parents[1] / "conf" / "privacy.yaml")
+    cfg = load_config(ROOT / "conf" / "privacy.yaml")
     t = cfg.teacher
     assert (t.augment, t.weight_decay) == (False, 0.0)
     private = cfg.data.splits.private - cfg.data.splits.holdout

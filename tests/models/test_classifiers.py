@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ROOT
 from synthset.config import ClassifierConfig, DataConfig
 from synthset.data.splits import fit_images, make_splits, to_unit_tensor
 from synthset.eval.classification import classification_report, confusion_matrix
@@ -84,11 +85,9 @@ def test_input_blur_is_part_of_the_model_and_survives_save_and_load(tmp_path):
 
 
 def test_input_blur_enters_the_student_hash_only_when_set():
-    from pathlib import Path
-
     from synthset.config import load_config, stage_hash
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "tiny.yaml"  # no input_blur: the hashes' default
+    conf = ROOT / "conf" / "tiny.yaml"  # no input_blur: the hashes' default
     base = load_config(conf)
     assert base.teacher.input_blur is None and base.student.input_blur is None
     blurred = load_config(conf, ["student.input_blur=1.0"])
